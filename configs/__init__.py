@@ -1,0 +1,1 @@
+"""Configuration presets shipped with the package (`safe_rlhf_v.configs`): YAML and DeepSpeed JSON."""

@@ -1,0 +1,19 @@
+"""Safe RLHF-V on Kubeflow: align multimodal LLMs for helpfulness under a harm budget.
+
+Importing the package switches off the usage telemetry of the libraries it drives (MLflow,
+Great Expectations, Hugging Face, DeepSpeed's dependencies) before any of them is imported, so no
+run phones home from a cluster or a laptop. Explicit settings in the environment win.
+"""
+
+import os
+
+__version__ = "0.1.0"
+
+_TELEMETRY_OFF = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "GX_ANALYTICS_ENABLED": "false",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+}
+for _key, _value in _TELEMETRY_OFF.items():
+    os.environ.setdefault(_key, _value)

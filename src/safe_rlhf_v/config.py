@@ -1,0 +1,173 @@
+"""Typed configuration: one strict pydantic model per stage and one for the whole pipeline.
+
+Every model is strict (no silent coercion: "3" is not an int), forbids unknown keys (a misspelled
+key is an error, not a silently ignored setting) and is frozen (stages cannot mutate shared
+settings). YAML files are loaded with `load_config`, which applies dotted command-line overrides
+and turns pydantic's errors into messages that name the offending key and the file.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from safe_rlhf_v import __version__
+
+
+class StrictModel(BaseModel):
+    """Base for all configuration sections."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class DataConfig(StrictModel):
+    """Where the BeaverTails-V data comes from.
+
+    `uri` is a local folder or file, an `s3://bucket/prefix`, or `hf://owner/name` for a Hugging Face
+    data set id (with `configs` naming the subsets to merge and `revision` pinning a commit).
+    """
+
+    uri: str = Field(min_length=1)
+    configs: list[str] = Field(default_factory=list)
+    revision: str | None = None
+    train_split: str = "train"
+    eval_split: str = "evaluation"
+
+
+class ValidationConfig(StrictModel):
+    """Thresholds of the data-validation stage (great-expectations)."""
+
+    preference_mostly: float = Field(default=0.99, gt=0.0, le=1.0)
+    """Share of rows whose preference ids must agree with their rates (real data: ~99.7%)."""
+    duplicate_mostly: float = Field(default=0.98, gt=0.0, le=1.0)
+    """Share of rows that must be unique by (question, image, response_1, response_2)."""
+    max_image_pixels: int = Field(default=4096 * 4096, gt=0)
+    min_image_side: int = Field(default=8, gt=0)
+    min_rows: dict[str, int] = Field(default_factory=lambda: {"train": 1, "evaluation": 1})
+    max_rows: dict[str, int] = Field(default_factory=lambda: {"train": 10_000_000, "evaluation": 1_000_000})
+    fail_on_leakage: bool = False
+    """Images shared between train and evaluation are always reported; fail only when set."""
+
+
+class TrackingConfig(StrictModel):
+    """MLflow settings. `tracking_uri: null` means `MLFLOW_TRACKING_URI`, else sqlite in the work dir."""
+
+    tracking_uri: str | None = None
+    experiment: str = "safe-rlhf-v"
+
+
+class ResourcesConfig(StrictModel):
+    """What one pipeline task asks Kubernetes for (ignored by the local runner)."""
+
+    cpu: str = "4"
+    memory: str = "32Gi"
+    gpus: int = Field(default=0, ge=0)
+    accelerator: str = "nvidia.com/gpu"
+
+
+class ImagesConfig(StrictModel):
+    """Container images of the components; tags are tied to the package version, never `latest`."""
+
+    gpu: str = f"ghcr.io/safe-rlhf-v/train:{__version__}"
+    cpu: str = f"ghcr.io/safe-rlhf-v/cpu:{__version__}"
+
+    @model_validator(mode="after")
+    def _no_latest(self) -> ImagesConfig:
+        for name in ("gpu", "cpu"):
+            image = getattr(self, name)
+            if ":" not in image.rsplit("/", 1)[-1] or image.endswith(":latest"):
+                raise ValueError(f"images.{name} must carry a pinned tag, not {image!r}")
+        return self
+
+
+class PipelineConfig(StrictModel):
+    """The whole pipeline: data, base model, every stage's settings, tracking and resources."""
+
+    name: str = "safe-rlhf-v"
+    work_dir: str = "work"
+    """Local root for run outputs, the MLflow store and the download cache."""
+    data: DataConfig
+    base_model: str = Field(min_length=1)
+    """Initial policy and backbone of the score models: a local folder, `s3://` prefix or hub id."""
+    trust_remote_code: bool = False
+    validate_data: ValidationConfig = Field(default_factory=ValidationConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    images: ImagesConfig = Field(default_factory=ImagesConfig)
+    resources: dict[str, ResourcesConfig] = Field(default_factory=dict)
+    """Per stage name (e.g. `validate-data`); stages not listed get `ResourcesConfig()`."""
+
+    def resources_for(self, stage: str) -> ResourcesConfig:
+        """The resources of `stage`, falling back to the defaults."""
+        return self.resources.get(stage, ResourcesConfig())
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is wrong; the message names the key and the file."""
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Parse `key.sub=value` strings; values are YAML scalars or lists (`3`, `0.5`, `true`, `[a, b]`)."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        parsed.append((key.strip(), yaml.safe_load(raw)))
+    return parsed
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "<root>"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (misspelled?)")
+        else:
+            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def config_from_dict(
+    raw: dict[str, Any], source: str = "<dict>", overrides: list[str] | None = None
+) -> PipelineConfig:
+    """Validate a raw mapping (plus overrides) into a `PipelineConfig`."""
+    tree = copy.deepcopy(raw)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    origin = source if not overrides else f"{source} (with overrides {overrides})"
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(error, origin)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a YAML pipeline config, apply `key=value` overrides, and validate it."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return config_from_dict(raw, str(path), overrides)
+
+
+Stage = Literal["validate-data"]

@@ -1,0 +1,149 @@
+"""MLflow lineage for every stage: runs, parameters, data set inputs with digests, models.
+
+Run resolution follows the KFP MLflow plugin's contract: when the launcher injected
+`MLFLOW_RUN_ID`, `mlflow.start_run()` resumes that run. Otherwise the stage opens a run nested under
+the pipeline's parent run, found by the tag `kfp.pipeline_run_id` (and created by whoever comes
+first), so a cluster without the plugin and the local runner produce the same tree.
+
+MLflow caps a data set's `digest` at 36 characters, too short for a sha256. Inputs therefore carry
+the first 32 hex characters as `digest` and the full sha256 in the input tag `sha256`, plus the
+source URI, so a registered model can be traced to the exact bytes it was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+from pydantic import BaseModel
+
+from safe_rlhf_v.config import TrackingConfig
+
+PIPELINE_RUN_TAG = "kfp.pipeline_run_id"
+STAGE_TAG = "safe_rlhf_v.stage"
+DIGEST_PREFIX_CHARS = 32
+
+
+def resolve_tracking_uri(tracking: TrackingConfig, work_dir: str | Path) -> str:
+    """Config beats `MLFLOW_TRACKING_URI`, which beats a sqlite file in the work dir."""
+    if tracking.tracking_uri:
+        return tracking.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    db = Path(work_dir).resolve() / "mlflow.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
+
+
+def configure(tracking: TrackingConfig, work_dir: str | Path) -> str:
+    """Point MLflow at the store and experiment; returns the experiment id.
+
+    With a local sqlite store the experiment's artifacts go to `<work_dir>/mlruns` (absolute), so they
+    do not depend on the working directory of whichever process logs them.
+    """
+    uri = resolve_tracking_uri(tracking, work_dir)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(tracking.experiment)
+    if experiment is not None:
+        mlflow.set_experiment(experiment_id=experiment.experiment_id)
+        return experiment.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:") and not os.environ.get("MLFLOW_DEFAULT_ARTIFACT_ROOT"):
+        artifact_location = (Path(work_dir).resolve() / "mlruns").as_uri()
+    experiment_id = client.create_experiment(tracking.experiment, artifact_location=artifact_location)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def find_parent_run(experiment_id: str, pipeline_run_id: str) -> Run | None:
+    """The pipeline's parent run: tagged with the pipeline run id and not itself nested."""
+    runs = MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}'",
+        order_by=["attributes.start_time ASC"],
+    )
+    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    return parents[0] if parents else None
+
+
+def ensure_parent_run(experiment_id: str, pipeline_run_id: str, run_name: str | None = None) -> str:
+    """Find or create the parent run of a pipeline run; returns its id."""
+    existing = find_parent_run(experiment_id, pipeline_run_id)
+    if existing is not None:
+        return existing.info.run_id
+    run = MlflowClient().create_run(
+        experiment_id,
+        run_name=run_name or f"pipeline-{pipeline_run_id}",
+        tags={PIPELINE_RUN_TAG: pipeline_run_id},
+    )
+    return run.info.run_id
+
+
+@contextmanager
+def stage_run(
+    stage: str, pipeline_run_id: str, tracking: TrackingConfig, work_dir: str | Path
+) -> Iterator[mlflow.ActiveRun]:
+    """Open the MLflow run of one stage (resumed from `MLFLOW_RUN_ID` or nested under the pipeline)."""
+    experiment_id = configure(tracking, work_dir)
+    tags = {STAGE_TAG: stage, PIPELINE_RUN_TAG: pipeline_run_id}
+    if os.environ.get("MLFLOW_RUN_ID"):
+        with mlflow.start_run() as run:
+            mlflow.set_tags(tags)
+            yield run
+        return
+    parent_id = ensure_parent_run(experiment_id, pipeline_run_id)
+    tags["mlflow.parentRunId"] = parent_id
+    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
+        yield run
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten nested settings into `a.b.c` keys with string values, as MLflow params want."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+    return flat
+
+
+def log_config(section: BaseModel, prefix: str = "") -> None:
+    """Log a config section as run params (MLflow caps values at 6000 chars; ours are short)."""
+    mlflow.log_params(flatten(section.model_dump(mode="json"), prefix))
+
+
+def log_dataset(
+    *,
+    name: str,
+    source_uri: str,
+    sha256: str,
+    context: str,
+    rows: int,
+    extra_tags: Mapping[str, str] | None = None,
+) -> None:
+    """Record a data set input: name, source URI, digest (sha256 prefix) and the full sha256."""
+    with warnings.catch_warnings():
+        # A local path resolves to two equivalent source classes; MLflow warns and picks one.
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(source_uri)
+    dataset = MetaDataset(source=source, name=name, digest=sha256[:DIGEST_PREFIX_CHARS])
+    tags = {"sha256": sha256, "rows": str(rows), "source_uri": source_uri, **(extra_tags or {})}
+    mlflow.log_input(dataset, context=context, tags=tags)
+
+
+def log_model_reference(role: str, uri: str, sha256: str) -> None:
+    """Record a model the stage read or wrote (role e.g. `input.base_model`, `output.reward_model`)."""
+    mlflow.set_tags({f"model.{role}.uri": uri, f"model.{role}.sha256": sha256})
