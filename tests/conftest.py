@@ -12,7 +12,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-import safe_rlhf_v  # noqa: E402,F401  (switches telemetry off before other imports)
+import safe_rlhf_v  # noqa: F401  (switches telemetry off before other imports)
 
 
 @pytest.fixture(scope="session")

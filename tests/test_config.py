@@ -76,7 +76,7 @@ def test_out_of_range_value_rejected() -> None:
 
 
 def test_unpinned_image_rejected() -> None:
-    with pytest.raises(ConfigError, match="images.gpu must carry a pinned tag"):
+    with pytest.raises(ConfigError, match=r"images\.gpu must carry a pinned tag"):
         config_from_dict(minimal() | {"images": {"gpu": "ghcr.io/x/train:latest"}})
 
 

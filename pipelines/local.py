@@ -1,0 +1,79 @@
+"""Run the real pipeline on this machine through `kfp.local.SubprocessRunner(use_venv=False)`.
+
+Every task runs as a subprocess of this Python interpreter, so the installed package is importable in
+the components exactly as it is in the container image on a cluster. Each run gets its own folder
+`<work_dir>/runs/<timestamp>/` holding KFP's task outputs and the run's `summary.json`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kfp import local
+
+from safe_rlhf_v.config import PipelineConfig
+from safe_rlhf_v.pipelines.safe_rlhf_v import build_pipeline
+from safe_rlhf_v.stages.common import StageResult, write_json
+from safe_rlhf_v.tracking import resolve_tracking_uri
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LocalRun:
+    """Where a local run left its outputs, and how each stage ended."""
+
+    run_dir: Path
+    summary_path: Path
+    succeeded: bool
+    stages: dict[str, dict[str, Any]]
+    error: str | None
+    tracking_uri: str
+
+
+def absolute_config(cfg: PipelineConfig) -> PipelineConfig:
+    """Resolve the work dir so subprocesses find the same files whatever their working directory."""
+    return cfg.model_copy(update={"work_dir": str(Path(cfg.work_dir).resolve())})
+
+
+def run_local(cfg: PipelineConfig, data_uri: str | None = None) -> LocalRun:
+    """Run the whole pipeline locally and write `summary.json`; never raises for a failed stage."""
+    cfg = absolute_config(cfg)
+    run_dir = Path(cfg.work_dir) / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(run_dir), raise_on_error=True)
+    pipeline = build_pipeline(cfg)
+    stages: dict[str, dict[str, Any]] = {}
+    error = None
+    started = time.monotonic()
+    try:
+        task = pipeline(data_uri=data_uri or cfg.data.uri, config_json=cfg.model_dump_json())
+        for payload in task.outputs.values():
+            result = StageResult.from_json(payload)
+            stages[result.stage] = asdict(result)
+    except RuntimeError as failure:
+        error = str(failure)
+        log.error("pipeline failed: %s", error)
+    summary = {
+        "pipeline": cfg.name,
+        "status": "failed" if error else "succeeded",
+        "error": error,
+        "run_dir": str(run_dir),
+        "seconds": round(time.monotonic() - started, 1),
+        "tracking_uri": resolve_tracking_uri(cfg.tracking, cfg.work_dir),
+        "stages": stages,
+    }
+    summary_path = run_dir / "summary.json"
+    write_json(summary_path, summary)
+    return LocalRun(
+        run_dir=run_dir,
+        summary_path=summary_path,
+        succeeded=error is None,
+        stages=stages,
+        error=error,
+        tracking_uri=summary["tracking_uri"],
+    )

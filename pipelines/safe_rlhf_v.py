@@ -1,0 +1,49 @@
+"""The Safe RLHF-V Kubeflow pipeline (DAG), built from a `PipelineConfig`.
+
+The config is baked in as the default of the `config_json` parameter, so a compiled YAML carries its
+preset, and the parameters a person changes in the Kubeflow UI form (`data_uri`, ...) are separate
+pipeline parameters with defaults from the same config. Each stage's component returns its
+`StageResult` as JSON; the pipeline returns those as outputs so the local runner can print a summary
+and the UI shows them.
+
+No `from __future__ import annotations` here: KFP reads the pipeline's real parameter annotations.
+"""
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+from kfp import dsl
+
+from safe_rlhf_v.components.validate_data import validate_data
+from safe_rlhf_v.config import PipelineConfig
+
+
+def _request_resources(task: dsl.PipelineTask, cfg: PipelineConfig, stage: str, image: str) -> None:
+    """Apply the stage's image and resource requests (Kubernetes reads them; kfp.local ignores them)."""
+    resources = cfg.resources_for(stage)
+    task.set_container_image(image)
+    task.set_cpu_request(resources.cpu).set_memory_request(resources.memory)
+    if resources.gpus:
+        task.set_accelerator_type(resources.accelerator).set_accelerator_limit(resources.gpus)
+    task.set_display_name(stage)
+
+
+def build_pipeline(cfg: PipelineConfig) -> Callable[..., dsl.PipelineTask]:
+    """Return the pipeline function for `cfg` (call it under `kfp.local`, or compile it)."""
+    config_json = cfg.model_dump_json()
+
+    class Outputs(NamedTuple):
+        validate_data: str
+
+    @dsl.pipeline(
+        name=cfg.name,
+        description="Safe RLHF-V: align a vision-language model for helpfulness under a harm budget.",
+    )
+    def safe_rlhf_v(data_uri: str = cfg.data.uri, config_json: str = config_json) -> Outputs:
+        validate = validate_data(
+            config_json=config_json, data_uri=data_uri, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        )
+        _request_resources(validate, cfg, "validate-data", cfg.images.cpu)
+        return Outputs(validate_data=validate.outputs["Output"])
+
+    return safe_rlhf_v

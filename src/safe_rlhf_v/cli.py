@@ -1,0 +1,163 @@
+"""`safe-rlhf-v`: one command line, a subcommand per pipeline stage and per operation.
+
+Every subcommand is a thin caller of a library function; errors in what the user supplied (config,
+data, storage) print one clear message and exit with status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from importlib import resources
+from pathlib import Path
+
+from safe_rlhf_v.config import ConfigError, PipelineConfig, load_config
+
+log = logging.getLogger("safe_rlhf_v")
+DEFAULT_CONFIG = "demo.yaml"
+
+
+def default_config_path() -> Path:
+    """The embedded default preset (`configs/demo.yaml`, shipped inside the package)."""
+    return Path(str(resources.files("safe_rlhf_v.configs") / DEFAULT_CONFIG))
+
+
+def _config(args: argparse.Namespace) -> PipelineConfig:
+    return load_config(args.config or default_config_path(), overrides=args.set)
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="pipeline YAML (default: the embedded configs/demo.yaml)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set validate_data.preference_mostly=0.98 (repeatable)",
+    )
+
+
+def cmd_make_demo_data(args: argparse.Namespace) -> int:
+    from safe_rlhf_v.data.synthetic import write_demo_data
+
+    paths = write_demo_data(Path(args.out), rows=args.rows, eval_rows=args.eval_rows, seed=args.seed)
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+    return 0
+
+
+def cmd_make_demo_model(args: argparse.Namespace) -> int:
+    from safe_rlhf_v.data.sources import load_split
+    from safe_rlhf_v.data.synthetic import corpus, generate_records
+    from safe_rlhf_v.models.tiny import build_tiny_vlm
+
+    if args.data:
+        records = load_split(args.data, "train")
+        log.info("training the tokenizer on %d rows of %s", len(records), args.data)
+    else:
+        records = generate_records(args.rows, seed=args.seed, split="train")
+    out = build_tiny_vlm(Path(args.out), corpus(records), family=args.family, seed=args.seed)
+    print(f"model: {out}")
+    return 0
+
+
+def cmd_validate_data(args: argparse.Namespace) -> int:
+    from safe_rlhf_v.stages import validate_data
+
+    cfg = _config(args)
+    result = validate_data.run(cfg, args.out, data_uri=args.data)
+    print(json.dumps(result.metrics, indent=2, sort_keys=True))
+    print(f"validated data: {result.outputs['dataset']}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from safe_rlhf_v.pipelines.local import run_local
+    from safe_rlhf_v.summary import format_summary
+
+    cfg = _config(args)
+    outcome = run_local(cfg, data_uri=args.data)
+    print(format_summary(outcome))
+    return 0 if outcome.succeeded else 1
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from kfp import compiler
+
+    from safe_rlhf_v.pipelines.safe_rlhf_v import build_pipeline
+
+    cfg = _config(args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_pipeline(cfg), package_path=args.out)
+    print(f"compiled pipeline: {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for the docs and tests)."""
+    parser = argparse.ArgumentParser(prog="safe-rlhf-v", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-demo-data", help="write synthetic BeaverTails-V train/evaluation parquet")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--rows", type=int, default=600, help="train pairs (default 600)")
+    p.add_argument("--eval-rows", type=int, default=None, help="evaluation pairs (default rows/5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_demo_data)
+
+    p = sub.add_parser("make-demo-model", help="build the tiny local vision-language model")
+    p.add_argument("--out", required=True, help="output folder (a Hugging Face model directory)")
+    p.add_argument("--data", help="demo data folder whose texts train the tokenizer")
+    p.add_argument("--rows", type=int, default=600, help="synthetic rows for the tokenizer when no --data")
+    p.add_argument("--family", default="llava", help="model family (default llava)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_demo_model)
+
+    p = sub.add_parser("validate-data", help="stage: validate the data set with great-expectations")
+    p.add_argument("--data", help="data URI (folder, s3://, hf://); default: the config's data.uri")
+    p.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_validate_data)
+
+    p = sub.add_parser("run", help="run the whole pipeline locally through kfp.local")
+    p.add_argument("--data", help="data URI; default: the config's data.uri")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compile", help="compile the pipeline to YAML for the Kubeflow UI")
+    p.add_argument("--out", required=True, help="output YAML file")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_compile)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from safe_rlhf_v.stages.validate_data import DataValidationError
+    from safe_rlhf_v.storage import StorageError
+
+    return (ConfigError, DataValidationError, StorageError, FileNotFoundError, ValueError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `safe-rlhf-v` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except _user_errors() as error:
+        if args.verbose:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

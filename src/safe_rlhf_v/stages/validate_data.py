@@ -1,0 +1,168 @@
+"""Stage `validate-data`: check the BeaverTails-V data with great-expectations, then publish it.
+
+Outputs (a folder, local or `s3://`):
+
+    dataset/            the validated data (`save_to_disk` DatasetDict: train, evaluation); only on success
+    validation.json     every expectation's outcome, the GX results, leakage between splits
+    statistics.json     per split: rows, categories, safe ratio, preference disagreements
+    data_docs/          GX HTML data docs (index.html)
+    report.html         a self-contained summary page for the Kubeflow UI
+    result.json         the stage result (also returned)
+
+Split names are canonical downstream (`train`, `evaluation`) whatever the source calls them, so
+later stages never need the data section of the config to find their data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+import datasets
+import mlflow
+
+from safe_rlhf_v import tracking
+from safe_rlhf_v.config import PipelineConfig
+from safe_rlhf_v.data.sources import load_split
+from safe_rlhf_v.data.validation import ValidationReport, validate_splits
+from safe_rlhf_v.stages import html
+from safe_rlhf_v.stages.common import RESULT_FILE, StageResult, staged_output, write_json
+
+STAGE = "validate-data"
+CANONICAL_SPLITS = ("train", "evaluation")
+log = logging.getLogger(__name__)
+
+
+class DataValidationError(RuntimeError):
+    """The data failed validation; the message lists each failed expectation with counts."""
+
+
+def arrow_sha256(split_dir: Path) -> str:
+    """Content digest of a saved split: sha256 over its Arrow files (metadata files vary by run)."""
+    digest = hashlib.sha256()
+    files = sorted(split_dir.glob("*.arrow"))
+    if not files:
+        raise FileNotFoundError(f"no Arrow files in {split_dir}")
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load(cfg: PipelineConfig, data_uri: str) -> dict[str, datasets.Dataset]:
+    cache = Path(cfg.work_dir) / "cache" / "data"
+    sources = dict(zip(CANONICAL_SPLITS, (cfg.data.train_split, cfg.data.eval_split), strict=True))
+    splits = {}
+    for canonical, source_split in sources.items():
+        log.info("loading split %r of %s", source_split, data_uri)
+        splits[canonical] = load_split(
+            data_uri,
+            source_split,
+            configs=list(cfg.data.configs),
+            revision=cfg.data.revision,
+            cache_dir=cache,
+        )
+    return splits
+
+
+def _metrics(report: ValidationReport) -> dict[str, float]:
+    metrics: dict[str, float] = {
+        "failed_expectations": float(sum(not outcome.success for outcome in report.outcomes)),
+        "leaked_images": float(report.leakage.get("count", 0)),
+    }
+    for split, stats in report.statistics.items():
+        for key in ("rows", "safe_ratio", "harmful_image_share"):
+            if isinstance(stats.get(key), int | float):
+                metrics[f"{split}.{key}"] = float(stats[key])
+    return metrics
+
+
+def render_report(report: ValidationReport, data_uri: str) -> str:
+    """The summary page: one row per expectation, then per-split statistics and leakage."""
+    outcomes = html.table(
+        ["split", "expectation", "column", "result", "unexpected", "of", "examples"],
+        [
+            [
+                o.split,
+                o.description,
+                o.column or "",
+                html.status(o.success),
+                o.unexpected_count,
+                o.element_count,
+                ", ".join(map(str, o.examples[:5])),
+            ]
+            for o in report.outcomes
+        ],
+    )
+    stats = html.table(
+        ["split", "statistic", "value"],
+        [[split, key, value] for split, values in report.statistics.items() for key, value in values.items()],
+    )
+    leakage = html.table(["images shared by train and evaluation"], [[report.leakage.get("count", 0)]])
+    verdict = html.status(report.success)
+    return html.page(
+        f"Data validation of {data_uri}",
+        [("Verdict", verdict), ("Expectations", outcomes), ("Statistics", stats), ("Leakage", leakage)],
+    )
+
+
+def run(
+    cfg: PipelineConfig,
+    out_uri: str,
+    *,
+    data_uri: str | None = None,
+    pipeline_run_id: str | None = None,
+) -> StageResult:
+    """Validate the data at `data_uri` (default: the config's) and publish it to `out_uri`.
+
+    Raises `DataValidationError` after writing the reports (but no `dataset/`) when an expectation
+    fails, so the task fails and nothing downstream can consume unvalidated data.
+    """
+    data_uri = data_uri or cfg.data.uri
+    pipeline_run_id = pipeline_run_id or f"local-{uuid.uuid4().hex[:12]}"
+    with tracking.stage_run(STAGE, pipeline_run_id, cfg.tracking, cfg.work_dir) as mlrun:
+        tracking.log_config(cfg.data, "data.")
+        tracking.log_config(cfg.validate_data, "validate_data.")
+        splits = _load(cfg, data_uri)
+        with staged_output(out_uri) as out:
+            report = validate_splits(splits, cfg.validate_data, docs_dir=out / "data_docs")
+            write_json(out / "validation.json", report.to_dict())
+            write_json(out / "statistics.json", report.statistics)
+            (out / "report.html").write_text(render_report(report, data_uri))
+            result = StageResult(
+                stage=STAGE,
+                status="succeeded" if report.success else "failed",
+                metrics=_metrics(report),
+                outputs={"validated": out_uri, "data_docs": f"{out_uri}/data_docs/index.html"},
+                mlflow_run_id=mlrun.info.run_id,
+                pipeline_run_id=pipeline_run_id,
+            )
+            if report.success:
+                datasets.DatasetDict(splits).save_to_disk(str(out / "dataset"))
+                for split, dataset in splits.items():
+                    sha = arrow_sha256(out / "dataset" / split)
+                    result.details[f"{split}_sha256"] = sha
+                    tracking.log_dataset(
+                        name=f"beavertails-v/{split}",
+                        source_uri=data_uri,
+                        sha256=sha,
+                        context="training" if split == "train" else "evaluation",
+                        rows=len(dataset),
+                        extra_tags={"validated_uri": f"{out_uri}/dataset/{split}"},
+                    )
+                result.outputs["dataset"] = f"{out_uri}/dataset"
+            else:
+                result.details["failure"] = report.failure_message()
+            write_json(out / RESULT_FILE, asdict(result))
+            mlflow.log_metrics(result.metrics)
+            for name in ("validation.json", "statistics.json", "report.html", RESULT_FILE):
+                mlflow.log_artifact(str(out / name), artifact_path=STAGE)
+            mlflow.log_artifacts(str(out / "data_docs"), artifact_path=f"{STAGE}/data_docs")
+        if not report.success:
+            raise DataValidationError(f"data at {data_uri} failed validation:\n{report.failure_message()}")
+    return result
