@@ -53,6 +53,79 @@ class ValidationConfig(StrictModel):
     """Images shared between train and evaluation are always reported; fail only when set."""
 
 
+class TrainConfig(StrictModel):
+    """How one model is optimised: schedule, batch geometry, ZeRO sharding, precision, checkpoints.
+
+    Batch sizes are per device: the global batch is `per_device_batch_size × world_size ×
+    gradient_accumulation_steps`, so the same file runs unchanged on 1 CPU or 8 GPUs.
+    """
+
+    epochs: int = Field(default=3, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    """Cap on optimizer steps (tests, benchmarks); None trains all epochs."""
+    per_device_batch_size: int = Field(default=4, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    learning_rate: float = Field(default=3e-5, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    adam_betas: list[float] = Field(default_factory=lambda: [0.9, 0.95], min_length=2, max_length=2)
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(default=0.03, ge=0.0, lt=1.0)
+    """Share of the optimizer steps spent warming up linearly from 0 (rounded up to whole steps)."""
+    max_grad_norm: float = Field(default=1.0, ge=0.0)
+    """Global gradient-norm clip; 0 switches clipping off (DeepSpeed's convention)."""
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    offload: Literal["none", "optimizer", "all"] = "none"
+    """Move optimizer state (and with "all" the parameters too) to CPU memory: trades speed for GPU memory."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 on an accelerator that supports it, else fp32."""
+    gradient_checkpointing: bool = False
+    checkpoint_every_steps: int = Field(default=0, ge=0)
+    """0: checkpoint only at the end of each epoch."""
+    keep_checkpoints: int = Field(default=2, ge=1)
+    log_every_steps: int = Field(default=10, ge=1)
+    seed: int = Field(default=42, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if any(not 0.0 <= beta < 1.0 for beta in self.adam_betas):
+            raise ValueError(f"adam_betas must both lie in [0, 1), got {self.adam_betas}")
+        if self.offload != "none" and self.zero_stage == 0:
+            raise ValueError(
+                f"offload={self.offload!r} needs ZeRO: set zero_stage to 1, 2 or 3 (or offload to 'none')"
+            )
+        if self.offload == "all" and self.zero_stage != 3:
+            raise ValueError(
+                f"offload='all' moves parameters to CPU, which only ZeRO-3 partitions; got zero_stage="
+                f"{self.zero_stage}: set zero_stage to 3 or offload to 'optimizer'"
+            )
+        return self
+
+
+class ScoreStageConfig(StrictModel):
+    """A preference-model stage (reward or cost): its optimisation, batching and freezing."""
+
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    max_length: int = Field(default=2048, ge=16)
+    """Tokens per sequence; responses are cut at the tail, image tokens never."""
+    min_response_tokens: int = Field(default=8, ge=1)
+    regularization: float = Field(default=0.001, ge=0.0)
+    """Weight of the L2 pull of scores towards 0 (`reg * mean(score^2)`)."""
+    eval_batch_size: int = Field(default=8, ge=1)
+    freeze_vision_tower: bool = True
+    freeze_projector: bool = False
+
+
+class RewardStageConfig(ScoreStageConfig):
+    """`train-reward`: Bradley-Terry on `more_helpful_response_id`."""
+
+
+class CostStageConfig(ScoreStageConfig):
+    """`train-cost`: pairwise on `safer_response_id` plus a sign term (cost > 0 means harmful)."""
+
+    sign_mode: Literal["binary", "rate"] = "binary"
+    """binary: +1 harmful / -1 safe (Safe RLHF); rate: -harmless_rate (the Safe RLHF-V code)."""
+
+
 class TrackingConfig(StrictModel):
     """MLflow settings. `tracking_uri: null` means `MLFLOW_TRACKING_URI`, else sqlite in the work dir."""
 
@@ -95,6 +168,8 @@ class PipelineConfig(StrictModel):
     """Initial policy and backbone of the score models: a local folder, `s3://` prefix or hub id."""
     trust_remote_code: bool = False
     validate_data: ValidationConfig = Field(default_factory=ValidationConfig)
+    train_reward: RewardStageConfig = Field(default_factory=RewardStageConfig)
+    train_cost: CostStageConfig = Field(default_factory=CostStageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     images: ImagesConfig = Field(default_factory=ImagesConfig)
     resources: dict[str, ResourcesConfig] = Field(default_factory=dict)

@@ -1,0 +1,468 @@
+"""The DeepSpeed engine on CPU: configs, LR schedule, training under ZeRO-2/3, checkpoints, torchrun.
+
+Training tests run in this process on a one-rank gloo group that lives for the whole session
+(DeepSpeed engines cannot re-initialise torch.distributed); the two-rank case runs under torchrun
+in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import deepspeed
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file
+from torch import nn
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+from safe_rlhf_v.config import TrainConfig
+from safe_rlhf_v.train import distributed
+from safe_rlhf_v.train.checkpoint import CLIENT_STATE, MANIFEST, rng_file
+from safe_rlhf_v.train.distributed import (
+    DistInfo,
+    Engine,
+    all_reduce_mean,
+    eval_ds_config,
+    find_free_port,
+    frozen_engine,
+    get_logger,
+    init_distributed,
+    model_init_context,
+    progress,
+    seed_everything,
+    total_optimizer_steps,
+    train_ds_config,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+WORKER = Path(__file__).with_name("ddp_mlp_worker.py")
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def dist() -> DistInfo:
+    return init_distributed()
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed smooth regression problem that a small MLP fits quickly."""
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(64, 4, generator=generator)
+    return x, torch.tanh(x @ torch.tensor([[1.0], [-2.0], [0.5], [1.5]]))
+
+
+def mlp(dropout: float = 0.0) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(4, 32), nn.Tanh(), nn.Dropout(dropout), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1)
+    )
+
+
+def config(**overrides: object) -> TrainConfig:
+    base: dict[str, object] = {
+        "per_device_batch_size": BATCH,
+        "learning_rate": 2e-2,
+        "lr_scheduler": "constant_with_warmup",
+        "warmup_ratio": 0.0,
+        "epochs": 1,
+    }
+    return TrainConfig(**(base | overrides))
+
+
+def run_steps(engine: Engine, data: tuple[torch.Tensor, torch.Tensor], steps: range) -> list[float]:
+    """Optimizer steps `steps` (GA 1), batch i always the same slice, so runs are comparable."""
+    x, y = data
+    losses = []
+    for step in steps:
+        start = (step * BATCH) % len(x)
+        loss = nn.functional.mse_loss(engine(x[start : start + BATCH]), y[start : start + BATCH])
+        losses.append(loss.item())
+        assert engine.backward_and_step(loss)
+    return losses
+
+
+def params(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+
+def test_train_ds_config_from_train_config() -> None:
+    cfg = TrainConfig(
+        per_device_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_grad_norm=0.5,
+        zero_stage=2,
+        learning_rate=1e-3,
+        weight_decay=0.1,
+        adam_betas=[0.8, 0.9],
+    )
+    ds = train_ds_config(cfg, world_size=3, device="cpu")
+    assert ds["train_batch_size"] == 24
+    assert ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == 2
+    assert "bf16" not in ds  # precision "auto" trains a CPU in fp32
+    assert ds["optimizer"] == {
+        "type": "AdamW",
+        "params": {"lr": 1e-3, "betas": [0.8, 0.9], "eps": 1e-8, "weight_decay": 0.1, "torch_adam": True},
+    }
+
+
+def test_gpu_config_uses_bf16_fused_adam_and_cpu_adam_with_offload(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(distributed, "_bf16_supported", lambda device: device == "cuda")
+    ds = train_ds_config(TrainConfig(zero_stage=3), world_size=8, device="cuda")
+    assert ds["bf16"] == {"enabled": True}
+    assert ds["train_batch_size"] == 32
+    assert ds["optimizer"]["params"]["fused"] is True
+    offloaded = train_ds_config(TrainConfig(zero_stage=3, offload="all"), world_size=8, device="cuda")
+    assert "torch_adam" not in offloaded["optimizer"]["params"]  # DeepSpeedCPUAdam does the update
+    assert offloaded["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert offloaded["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
+
+
+def test_bf16_without_hardware_support_says_what_to_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(distributed, "_bf16_supported", lambda device: False)
+    with pytest.raises(
+        ValueError, match=r"precision='bf16'.*no native bf16 support.*set precision to 'fp32'"
+    ):
+        train_ds_config(TrainConfig(precision="bf16"), world_size=1, device="cpu")
+    assert "bf16" not in train_ds_config(TrainConfig(precision="auto"), world_size=1, device="cuda")
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"adam_betas": [0.9, 0.95, 0.99]}, "adam_betas"),
+        ({"adam_betas": [0.9, 1.0]}, r"adam_betas must both lie in \[0, 1\)"),
+        ({"warmup_ratio": 1.0}, "warmup_ratio"),
+        ({"offload": "optimizer"}, "offload='optimizer' needs ZeRO: set zero_stage"),
+        ({"offload": "all", "zero_stage": 2}, "only ZeRO-3 partitions"),
+        ({"lr": 1e-4}, "lr"),
+        ({"epochs": "3"}, "epochs"),
+    ],
+)
+def test_train_config_rejects_bad_settings(fields: dict[str, object], problem: str) -> None:
+    with pytest.raises(ValidationError, match=problem):
+        TrainConfig(**fields)
+
+
+def test_eval_config_keeps_zero3_and_drops_zero1_and_zero2() -> None:
+    stages = [eval_ds_config(s, "fp32", "cpu")["zero_optimization"]["stage"] for s in (0, 1, 2, 3)]
+    assert stages == [0, 0, 0, 3]
+    assert eval_ds_config(3, "fp32", "cpu", offload_params=True)["zero_optimization"]["offload_param"] == {
+        "device": "cpu",
+        "pin_memory": False,
+    }
+    with pytest.raises(ValueError, match="offload_params needs zero_stage=3"):
+        eval_ds_config(2, "fp32", "cpu", offload_params=True)
+
+
+def test_total_optimizer_steps_counts_micro_batches_across_epochs() -> None:
+    assert total_optimizer_steps(TrainConfig(epochs=3, gradient_accumulation_steps=4), 10) == 7
+    assert total_optimizer_steps(TrainConfig(epochs=3, gradient_accumulation_steps=4, max_steps=5), 10) == 5
+    with pytest.raises(ValueError, match="fewer than gradient_accumulation_steps=4"):
+        total_optimizer_steps(TrainConfig(epochs=1, gradient_accumulation_steps=4), 2)
+
+
+# --- process group and rank-aware helpers -----------------------------------------------------
+
+
+def test_init_distributed_single_process_is_idempotent(dist: DistInfo) -> None:
+    assert dist == DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
+    assert init_distributed() == dist
+    assert torch.distributed.get_world_size() == 1
+
+
+def test_incomplete_launcher_env_names_missing_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="MASTER_ADDR, MASTER_PORT not set"):
+        distributed._launched_env()
+
+
+def test_rank_aware_helpers(
+    dist: DistInfo, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert all_reduce_mean(torch.tensor(2.5)) == 2.5
+    with pytest.raises(ValueError, match=r"scalar, got a tensor of shape \(2,\)"):
+        all_reduce_mean(torch.ones(2))
+    items = [1, 2, 3]
+    assert progress(items, total=3, desc="x") is not items and list(progress(items, total=3)) == items
+    log = get_logger("safe_rlhf_v.test_rank_filter")
+    with caplog.at_level(logging.INFO, logger=log.name):
+        log.info("shown on rank 0")
+        monkeypatch.setattr(distributed, "_rank", lambda: 1)
+        assert progress(items, total=3) is items
+        log.info("hidden on rank 1")
+        log.warning("warnings show on every rank")
+    assert [r.getMessage() for r in caplog.records] == ["shown on rank 0", "warnings show on every rank"]
+
+
+def test_seed_everything_is_reproducible_and_differs_by_rank() -> None:
+    seed_everything(5, rank=0)
+    first = torch.rand(3)
+    seed_everything(5, rank=0)
+    assert torch.equal(torch.rand(3), first)
+    seed_everything(5, rank=1)
+    assert not torch.equal(torch.rand(3), first)
+
+
+# --- engine ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        # 10 steps, warmup ceil(0.15 * 10) = 2; cosine at step 4: 0.5 * (1 + cos(pi * 2/8)).
+        ("cosine", {0: 0.0, 1: 0.05, 2: 0.1, 4: 0.1 * 0.5 * (1 + math.cos(math.pi / 4)), 6: 0.05, 10: 0.0}),
+        ("linear", {0: 0.0, 1: 0.05, 2: 0.1, 4: 0.075, 6: 0.05, 10: 0.0}),
+        ("constant_with_warmup", {0: 0.0, 1: 0.05, 2: 0.1, 4: 0.1, 6: 0.1, 10: 0.1}),
+    ],
+)
+def test_lr_schedule_warms_up_then_decays(
+    dist: DistInfo, data: tuple[torch.Tensor, torch.Tensor], schedule: str, expected: dict[int, float]
+) -> None:
+    engine = Engine(
+        mlp(), config(lr_scheduler=schedule, warmup_ratio=0.15, learning_rate=0.1), total_steps=10
+    )
+    assert engine.warmup_steps == 2
+    seen = {0: engine.lr}
+    for step in range(10):
+        run_steps(engine, data, range(step, step + 1))
+        seen[engine.global_step] = engine.lr
+    assert {k: seen[k] for k in expected} == pytest.approx(expected, abs=1e-9)
+
+
+def test_zero2_trains_only_unfrozen_parameters(
+    dist: DistInfo, data: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    seed_everything(0, dist.rank)
+    model = mlp()
+    model[0].requires_grad_(False)  # stands in for a frozen vision tower
+    before = params(model)
+    engine = Engine(model, config(zero_stage=2), total_steps=40)
+    losses = run_steps(engine, data, range(40))
+    assert sum(losses[-5:]) / 5 < 0.5 * losses[0]
+    after = params(engine.module)
+    assert torch.equal(after["0.weight"], before["0.weight"])
+    assert not torch.equal(after["3.weight"], before["3.weight"])
+    assert engine.global_step == 40
+
+
+def test_zero3_partitions_at_construction_trains_and_gathers_weights(
+    dist: DistInfo, data: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    cfg = config(zero_stage=3)
+    seed_everything(0, dist.rank)
+    with model_init_context(train_ds_config(cfg, dist.world_size, dist.device.type)):
+        assert is_deepspeed_zero3_enabled()  # from_pretrained inside would partition too
+        model = mlp()
+    assert not is_deepspeed_zero3_enabled()  # a later stage-0 model in this process is left whole
+    assert all(p.numel() == 0 for p in model.parameters())  # only ZeRO partitions hold the values
+    engine = Engine(model, cfg, total_steps=40)
+    losses = run_steps(engine, data, range(40))
+    assert sum(losses[-5:]) / 5 < 0.5 * losses[0]
+    exported = engine.state_dict_for_save()
+    assert {k: tuple(v.shape) for k, v in exported.items()} == {
+        k: tuple(v.shape) for k, v in mlp().state_dict().items()
+    }
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        assert max_diff(exported, params(engine.module)) == 0.0
+
+
+def test_frozen_engine_evaluates_like_the_plain_model(
+    dist: DistInfo, data: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    model = mlp()
+    expected = model(data[0]).detach()
+    frozen = frozen_engine(model, zero_stage=2, precision="fp32")
+    assert frozen.zero_optimization_stage() == 0
+    assert not any(p.requires_grad for p in frozen.module.parameters())
+    with torch.no_grad():
+        assert torch.allclose(frozen(data[0]), expected)
+
+
+def test_engine_rejects_models_it_cannot_train(dist: DistInfo) -> None:
+    with pytest.raises(ValueError, match=r"reward: no parameter has requires_grad=True"):
+        Engine(mlp().requires_grad_(False), config(), total_steps=1, name="reward")
+    with pytest.raises(ValueError, match="Sequential has no gradient_checkpointing_enable"):
+        Engine(mlp(), config(gradient_checkpointing=True), total_steps=1)
+
+
+def test_gradient_accumulation_boundaries_and_save_guards(
+    dist: DistInfo, data: tuple[torch.Tensor, torch.Tensor], tmp_path: Path
+) -> None:
+    engine = Engine(mlp(), config(gradient_accumulation_steps=2), total_steps=2)
+    x, y = data
+    assert engine.backward_and_step(nn.functional.mse_loss(engine(x[:BATCH]), y[:BATCH])) is False
+    assert engine.global_step == 0
+    assert not engine.checkpoint_due(end_of_epoch=True)  # an epoch ending mid-accumulation waits
+    with pytest.raises(RuntimeError, match="between optimizer steps"):
+        engine.save_checkpoint(tmp_path, client_state={})
+    assert engine.backward_and_step(nn.functional.mse_loss(engine(x[BATCH:16]), y[BATCH:16])) is True
+    assert engine.global_step == 1
+    assert engine.checkpoint_due(end_of_epoch=True)
+    assert not engine.checkpoint_due(end_of_epoch=False)  # checkpoint_every_steps=0: epoch ends only
+    with pytest.raises(TypeError, match="client_state must be JSON-serialisable"):
+        engine.save_checkpoint(tmp_path, client_state={"position": object()})
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(
+    dist: DistInfo, data: tuple[torch.Tensor, torch.Tensor], tmp_path: Path
+) -> None:
+    # Dropout makes the result depend on the restored RNG state, not only on weights and Adam moments.
+    cfg = config(zero_stage=2, lr_scheduler="cosine", warmup_ratio=0.25)
+
+    def fresh_engine(seed: int) -> Engine:
+        seed_everything(seed, dist.rank)
+        return Engine(mlp(dropout=0.2), cfg, total_steps=8)
+
+    uninterrupted = fresh_engine(0)
+    run_steps(uninterrupted, data, range(8))
+
+    interrupted = fresh_engine(0)
+    run_steps(interrupted, data, range(4))
+    folder = interrupted.save_checkpoint(tmp_path, client_state={"epoch": 0, "micro_batches_done": 4})
+    assert folder == tmp_path / "step-4"
+    assert {MANIFEST, CLIENT_STATE, rng_file(0)} <= {p.name for p in folder.iterdir()}
+    lr_at_save = interrupted.lr
+
+    resumed = fresh_engine(123)  # a restarted pod: other initial weights, other RNG
+    assert resumed.load_latest(tmp_path) == {"epoch": 0, "micro_batches_done": 4}
+    assert resumed.global_step == 4
+    assert resumed.lr == pytest.approx(lr_at_save, abs=1e-12)
+    run_steps(resumed, data, range(4, 8))
+    assert max_diff(params(resumed.module), params(uninterrupted.module)) < 1e-6
+
+
+@pytest.mark.skipif(not distributed._bf16_supported("cpu"), reason="this CPU has no native bf16")
+@pytest.mark.parametrize("stage", [0, 2])
+def test_bf16_trains_and_resumes_like_on_a_gpu(
+    dist: DistInfo, data: tuple[torch.Tensor, torch.Tensor], tmp_path: Path, stage: int
+) -> None:
+    # The GPU configuration (bf16 weights, fp32 master copy in the optimizer) run on a bf16-capable CPU.
+    cfg = config(zero_stage=stage, precision="bf16")
+    engine = Engine(mlp(), cfg, total_steps=30)
+    assert engine.dtype == torch.bfloat16 and next(engine.module.parameters()).dtype == torch.bfloat16
+    x, y = data
+    losses = []
+    for step in range(30):
+        start = (step * BATCH) % len(x)
+        out = engine(x[start : start + BATCH].to(engine.dtype))
+        loss = nn.functional.mse_loss(out.float(), y[start : start + BATCH])
+        losses.append(loss.item())
+        engine.backward_and_step(loss)
+    assert sum(losses[-5:]) / 5 < 0.5 * losses[0]
+    engine.save_checkpoint(tmp_path, client_state={})
+    resumed = Engine(mlp(), cfg, total_steps=30)
+    assert resumed.load_latest(tmp_path) == {}
+    assert max_diff(params(resumed.module), params(engine.module)) == 0.0
+
+
+@pytest.fixture
+def saved_every_two_steps(
+    dist: DistInfo, data: tuple[torch.Tensor, torch.Tensor], tmp_path: Path
+) -> tuple[Engine, Path, Callable[[], dict[str, torch.Tensor]]]:
+    """Checkpoints at steps 2, 4 and 6; returns the engine, the root and a weights snapshot per step."""
+    engine = Engine(mlp(), config(zero_stage=2, keep_checkpoints=3), total_steps=6)
+    for step in (2, 4, 6):
+        run_steps(engine, data, range(step - 2, step))
+        engine.save_checkpoint(tmp_path, client_state={"step": step})
+    return engine, tmp_path, lambda: params(engine.module)
+
+
+def test_corrupt_or_incomplete_checkpoints_are_skipped(
+    saved_every_two_steps: tuple[Engine, Path, Callable[[], dict[str, torch.Tensor]]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    engine, root, _ = saved_every_two_steps
+    model_file = root / "step-6" / "mp_rank_00_model_states.pt"
+    payload = bytearray(model_file.read_bytes())
+    payload[len(payload) // 2] ^= 0xFF
+    model_file.write_bytes(bytes(payload))
+    with caplog.at_level(logging.WARNING):
+        assert engine.load_latest(root) == {"step": 4}
+    assert engine.global_step == 4
+    assert "step-6" in caplog.text and "mp_rank_00_model_states.pt does not match its sha256" in caplog.text
+
+    (root / "step-4" / MANIFEST).unlink()  # as if the pod died while saving step 4
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert engine.load_latest(root) == {"step": 2}
+    assert "manifest.json is missing (the save did not finish)" in caplog.text
+
+    (root / "step-2" / "planted.pt").write_bytes(b"not ours")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert engine.load_latest(root) is None
+    assert "files not in the manifest: planted.pt" in caplog.text
+
+
+def test_resume_refuses_a_different_world_size(
+    saved_every_two_steps: tuple[Engine, Path, Callable[[], dict[str, torch.Tensor]]],
+) -> None:
+    engine, root, _ = saved_every_two_steps
+    manifest_path = root / "step-6" / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps(manifest | {"world_size": 2}))
+    with pytest.raises(
+        RuntimeError, match=r"saved by 2 processes but this job has 1.*resume with 2 processes"
+    ):
+        engine.load_latest(root)
+
+
+def test_checkpoint_policy_and_pruning_of_old_incomplete_and_abandoned_ones(
+    dist: DistInfo, data: tuple[torch.Tensor, torch.Tensor], tmp_path: Path
+) -> None:
+    (tmp_path / "step-0").mkdir()  # interrupted save: no manifest
+    (tmp_path / "step-99").mkdir()  # from a timeline abandoned by resuming earlier
+    (tmp_path / "step-99" / MANIFEST).write_text('{"files": {}}')
+    engine = Engine(mlp(), config(keep_checkpoints=2, checkpoint_every_steps=2), total_steps=3)
+    due = []
+    for step in range(3):
+        run_steps(engine, data, range(step, step + 1))
+        due.append(engine.checkpoint_due(end_of_epoch=False))
+        engine.save_checkpoint(tmp_path, client_state={})
+    assert due == [False, True, False]
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-2", "step-3"]
+
+
+def test_torchrun_two_ranks_train_in_sync_and_resume(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    rendezvous = f"--master_addr 127.0.0.1 --master_port {find_free_port()}"
+    launcher = f"-m torch.distributed.run --nproc_per_node 2 {rendezvous}"
+    command = [sys.executable, *launcher.split(), str(WORKER), str(tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    losses = reports[0]["losses"]
+    assert reports[1]["losses"] == losses  # all_reduce_mean: one global loss per step on both ranks
+    assert sum(losses[-5:]) / 5 < 0.5 * losses[0]
+    rank0, rank1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+    assert max_diff(rank0, rank1) == 0.0  # DeepSpeed broadcast rank 0's weights and averaged gradients
+    manifest = json.loads((tmp_path / "ckpt" / "step-30" / MANIFEST).read_text())
+    assert manifest["world_size"] == 2 and {rng_file(0), rng_file(1)} <= set(manifest["files"])
+    for report in reports:
+        assert report["client_state"] == {"epoch": 0, "micro_batches_done": 30}
+        assert report["resumed_step"] == 30
+        assert report["resume_max_abs_diff"] == 0.0
