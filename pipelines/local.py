@@ -35,13 +35,26 @@ class LocalRun:
     tracking_uri: str
 
 
+def _absolute(path: str) -> str:
+    """An existing local path made absolute; URIs (s3://, hf://) and hub ids pass unchanged."""
+    return str(Path(path).resolve()) if "://" not in path and Path(path).exists() else path
+
+
 def absolute_config(cfg: PipelineConfig) -> PipelineConfig:
-    """Resolve the work dir so subprocesses find the same files whatever their working directory."""
-    return cfg.model_copy(update={"work_dir": str(Path(cfg.work_dir).resolve())})
+    """Resolve local paths so task subprocesses find the same files whatever their working directory."""
+    return cfg.model_copy(
+        update={
+            "work_dir": str(Path(cfg.work_dir).resolve()),
+            "base_model": _absolute(cfg.base_model),
+            "data": cfg.data.model_copy(update={"uri": _absolute(cfg.data.uri)}),
+        }
+    )
 
 
 def run_local(cfg: PipelineConfig, data_uri: str | None = None) -> LocalRun:
     """Run the whole pipeline locally and write `summary.json`; never raises for a failed stage."""
+    if data_uri:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"uri": data_uri})})
     cfg = absolute_config(cfg)
     run_dir = Path(cfg.work_dir) / "runs" / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -51,7 +64,7 @@ def run_local(cfg: PipelineConfig, data_uri: str | None = None) -> LocalRun:
     error = None
     started = time.monotonic()
     try:
-        task = pipeline(data_uri=data_uri or cfg.data.uri, config_json=cfg.model_dump_json())
+        task = pipeline(data_uri=cfg.data.uri, base_model=cfg.base_model, config_json=cfg.model_dump_json())
         for payload in task.outputs.values():
             result = StageResult.from_json(payload)
             stages[result.stage] = asdict(result)

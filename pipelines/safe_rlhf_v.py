@@ -14,13 +14,20 @@ from typing import NamedTuple
 
 from kfp import dsl
 
+from safe_rlhf_v.components.train_preference import train_preference_model
 from safe_rlhf_v.components.validate_data import validate_data
 from safe_rlhf_v.config import PipelineConfig
 
 
 def _request_resources(task: dsl.PipelineTask, cfg: PipelineConfig, stage: str, image: str) -> None:
-    """Apply the stage's image and resource requests (Kubernetes reads them; kfp.local ignores them)."""
+    """Apply the stage's image and resource requests (Kubernetes reads them; kfp.local ignores them).
+
+    Training stages are never served from KFP's cache: a retrain on the same inputs is the point of
+    a scheduled run, and their outputs depend on the run's checkpoints.
+    """
     resources = cfg.resources_for(stage)
+    if stage.startswith("train-"):
+        task.set_caching_options(enable_caching=False)
     task.set_container_image(image)
     task.set_cpu_request(resources.cpu).set_memory_request(resources.memory)
     if resources.gpus:
@@ -34,16 +41,34 @@ def build_pipeline(cfg: PipelineConfig) -> Callable[..., dsl.PipelineTask]:
 
     class Outputs(NamedTuple):
         validate_data: str
+        train_reward: str
+        train_cost: str
 
     @dsl.pipeline(
         name=cfg.name,
         description="Safe RLHF-V: align a vision-language model for helpfulness under a harm budget.",
     )
-    def safe_rlhf_v(data_uri: str = cfg.data.uri, config_json: str = config_json) -> Outputs:
-        validate = validate_data(
-            config_json=config_json, data_uri=data_uri, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER
-        )
+    def safe_rlhf_v(
+        data_uri: str = cfg.data.uri, base_model: str = cfg.base_model, config_json: str = config_json
+    ) -> Outputs:
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        validate = validate_data(config_json=config_json, data_uri=data_uri, pipeline_run_id=run_id)
         _request_resources(validate, cfg, "validate-data", cfg.images.cpu)
-        return Outputs(validate_data=validate.outputs["Output"])
+        trained = {}
+        for stage in ("train-reward", "train-cost"):
+            task = train_preference_model(
+                stage=stage,
+                config_json=config_json,
+                base_model=base_model,
+                pipeline_run_id=run_id,
+                validated=validate.outputs["validated"],
+            )
+            _request_resources(task, cfg, stage, cfg.images.gpu)
+            trained[stage] = task.outputs["Output"]
+        return Outputs(
+            validate_data=validate.outputs["Output"],
+            train_reward=trained["train-reward"],
+            train_cost=trained["train-cost"],
+        )
 
     return safe_rlhf_v

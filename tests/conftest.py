@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import boto3
 import pytest
@@ -44,3 +45,45 @@ def s3_bucket(s3_env: str) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_env).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic BeaverTails-V parquet files (train 80 pairs, evaluation 24)."""
+    from safe_rlhf_v.data.synthetic import write_demo_data
+
+    out = tmp_path_factory.mktemp("demo-data")
+    write_demo_data(out, rows=80, eval_rows=24, seed=3)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> Path:
+    """A tiny LLaVA built on the demo corpus (no supervised warm start: tests stay fast)."""
+    from safe_rlhf_v.data.sources import load_split
+    from safe_rlhf_v.data.synthetic import corpus
+    from safe_rlhf_v.models.tiny import TinyVLMSpec, build_tiny_vlm
+
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    spec = TinyVLMSpec(text_hidden=64, text_ffn=128, vocab_size=512)
+    return build_tiny_vlm(out, corpus(load_split(str(demo_data), "train")), spec=spec, seed=0)
+
+
+@pytest.fixture(scope="session")
+def validated_data(tmp_path_factory: pytest.TempPathFactory, demo_data: Path, tiny_model: Path) -> Path:
+    """The demo data passed through the validate-data stage (what training stages consume)."""
+    from safe_rlhf_v.config import config_from_dict
+    from safe_rlhf_v.stages import validate_data
+
+    work = tmp_path_factory.mktemp("work")
+    cfg = config_from_dict(
+        {
+            "work_dir": str(work),
+            "data": {"uri": str(demo_data)},
+            "base_model": str(tiny_model),
+            "validate_data": {"min_rows": {"train": 10, "evaluation": 10}},
+        }
+    )
+    out = work / "validated"
+    validate_data.run(cfg, str(out), pipeline_run_id="fixture")
+    return out

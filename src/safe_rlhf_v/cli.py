@@ -74,6 +74,17 @@ def cmd_validate_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_score(args: argparse.Namespace) -> int:
+    from safe_rlhf_v.stages import train_score
+
+    cfg = _config(args)
+    result = train_score.run(args.command, cfg, args.data, args.out, base_model=args.base_model)
+    if result.outputs:
+        print(json.dumps(result.metrics, indent=2, sort_keys=True))
+        print(f"model: {result.outputs['model']}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from safe_rlhf_v.pipelines.local import run_local
     from safe_rlhf_v.summary import format_summary
@@ -122,6 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder or s3:// prefix")
     _add_config_args(p)
     p.set_defaults(func=cmd_validate_data)
+
+    for name, what in (
+        ("train-reward", "reward model (RM-V, helpfulness)"),
+        ("train-cost", "cost model (CM-V, harm)"),
+    ):
+        p = sub.add_parser(name, help=f"stage: train the {what} on validated data (torchrun-able)")
+        p.add_argument("--data", required=True, help="a validate-data output folder (local or s3://)")
+        p.add_argument("--out", required=True, help="output model folder or s3:// prefix")
+        p.add_argument("--base-model", help="backbone to start from; default: the config's base_model")
+        _add_config_args(p)
+        p.set_defaults(func=cmd_train_score)
 
     p = sub.add_parser("run", help="run the whole pipeline locally through kfp.local")
     p.add_argument("--data", help="data URI; default: the config's data.uri")

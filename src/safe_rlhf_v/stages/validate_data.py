@@ -15,7 +15,6 @@ later stages never need the data section of the config to find their data.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import uuid
 from dataclasses import asdict
@@ -30,6 +29,7 @@ from safe_rlhf_v.data.sources import load_split
 from safe_rlhf_v.data.validation import ValidationReport, validate_splits
 from safe_rlhf_v.stages import html
 from safe_rlhf_v.stages.common import RESULT_FILE, StageResult, staged_output, write_json
+from safe_rlhf_v.stages.lineage import arrow_sha256
 
 STAGE = "validate-data"
 CANONICAL_SPLITS = ("train", "evaluation")
@@ -38,20 +38,6 @@ log = logging.getLogger(__name__)
 
 class DataValidationError(RuntimeError):
     """The data failed validation; the message lists each failed expectation with counts."""
-
-
-def arrow_sha256(split_dir: Path) -> str:
-    """Content digest of a saved split: sha256 over its Arrow files (metadata files vary by run)."""
-    digest = hashlib.sha256()
-    files = sorted(split_dir.glob("*.arrow"))
-    if not files:
-        raise FileNotFoundError(f"no Arrow files in {split_dir}")
-    for path in files:
-        digest.update(path.name.encode())
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _load(cfg: PipelineConfig, data_uri: str) -> dict[str, datasets.Dataset]:
