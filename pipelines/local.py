@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,14 @@ def run_local(cfg: PipelineConfig, data_uri: str | None = None) -> LocalRun:
     error = None
     started = time.monotonic()
     try:
-        task = pipeline(data_uri=cfg.data.uri, base_model=cfg.base_model, config_json=cfg.model_dump_json())
+        with warnings.catch_warnings():
+            # Resource requests, images and display names only matter on a cluster; kfp.local warns
+            # about each of them for every task, which drowns the run's own output.
+            warnings.filterwarnings("ignore", message=".*no effect in the current local runner.*")
+            warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
+            task = pipeline(
+                data_uri=cfg.data.uri, base_model=cfg.base_model, config_json=cfg.model_dump_json()
+            )
         for payload in task.outputs.values():
             result = StageResult.from_json(payload)
             stages[result.stage] = asdict(result)

@@ -12,42 +12,44 @@ from mlflow.tracking import MlflowClient
 
 from safe_rlhf_v.cli import main
 from safe_rlhf_v.config import PipelineConfig, config_from_dict
-from safe_rlhf_v.data.synthetic import write_demo_data
+from safe_rlhf_v.models.score import ScoreModel
 from safe_rlhf_v.pipelines.local import run_local
+from safe_rlhf_v.stages.lineage import read_lineage
 from safe_rlhf_v.tracking import PIPELINE_RUN_TAG, STAGE_TAG
 
 
-def demo_config(tmp_path: Path, data_uri: Path) -> PipelineConfig:
+def demo_config(tmp_path: Path, data_uri: Path, model: Path | None = None) -> PipelineConfig:
+    quick = {"max_length": 192, "train": {"epochs": 1, "max_steps": 3, "per_device_batch_size": 8}}
     return config_from_dict(
         {
             "name": "pipeline-test",
             "work_dir": str(tmp_path / "work"),
             "data": {"uri": str(data_uri)},
-            "base_model": str(tmp_path / "model"),
+            "base_model": str(model or tmp_path / "model"),
             "tracking": {"experiment": "pipeline-test"},
             "validate_data": {"min_rows": {"train": 50, "evaluation": 10}, "fail_on_leakage": True},
-            "resources": {"validate-data": {"cpu": "3", "memory": "12Gi"}},
+            "train_reward": quick,
+            "train_cost": quick,
+            "resources": {
+                "validate-data": {"cpu": "3", "memory": "12Gi"},
+                "train-reward": {"cpu": "8", "memory": "64Gi", "gpus": 2},
+            },
         }
     )
 
 
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("data")
-    write_demo_data(out, rows=80, eval_rows=20, seed=3)
-    return out
-
-
 @pytest.mark.slow
-def test_local_run_validates_and_records_lineage(tmp_path: Path, demo_data: Path) -> None:
-    cfg = demo_config(tmp_path, demo_data)
+def test_local_run_validates_trains_and_records_lineage(
+    tmp_path: Path, demo_data: Path, tiny_model: Path
+) -> None:
+    cfg = demo_config(tmp_path, demo_data, tiny_model)
     run = run_local(cfg)
     assert run.succeeded, run.error
     summary = json.loads(run.summary_path.read_text())
     stage = summary["stages"]["validate-data"]
     assert stage["status"] == "succeeded"
     assert stage["metrics"]["train.rows"] == 80
-    assert stage["metrics"]["evaluation.rows"] == 20
+    assert stage["metrics"]["evaluation.rows"] == 24
     assert stage["metrics"]["failed_expectations"] == 0
 
     validated = datasets.load_from_disk(stage["outputs"]["dataset"])
@@ -68,6 +70,19 @@ def test_local_run_validates_and_records_lineage(tmp_path: Path, demo_data: Path
     assert inputs["beavertails-v/train"].dataset.digest == train_sha[:32]
     assert {t.key: t.value for t in inputs["beavertails-v/train"].tags}["sha256"] == train_sha
 
+    for name, kind, headline in (
+        ("train-reward", "reward", "accuracy"),
+        ("train-cost", "cost", "sign_accuracy"),
+    ):
+        trained = summary["stages"][name]
+        assert trained["status"] == "succeeded"
+        assert 0.0 <= trained["metrics"][headline] <= 1.0
+        model_dir = Path(trained["outputs"]["model"])
+        assert ScoreModel.load(str(model_dir)).kind == kind
+        lineage = read_lineage(str(model_dir))
+        assert lineage["data_sha256"]["train"] == train_sha, "the model traces back to the validated data"
+        assert client.get_run(trained["mlflow_run_id"]).data.tags["mlflow.parentRunId"] == parent.info.run_id
+
 
 @pytest.mark.slow
 def test_failed_validation_fails_the_run_and_publishes_no_data(tmp_path: Path, demo_data: Path) -> None:
@@ -80,6 +95,7 @@ def test_failed_validation_fails_the_run_and_publishes_no_data(tmp_path: Path, d
             table = table.remove_columns("is_response_1_safe").add_column("is_response_1_safe", flags)
         table.to_parquet(str(broken / f"{split}.parquet"))
     run = run_local(demo_config(tmp_path, broken))
+    assert "train-reward" not in run.stages
     assert not run.succeeded
     summary = json.loads(run.summary_path.read_text())
     assert summary["status"] == "failed"
@@ -100,9 +116,16 @@ def test_compiled_pipeline_has_resources_and_no_credentials(
     text = out.read_text()
     assert secret not in text and "AKIASENTINEL" not in text
     spec = next(yaml.safe_load_all(text))
-    executor = next(iter(spec["deploymentSpec"]["executors"].values()))["container"]
-    assert executor["image"].startswith("ghcr.io/safe-rlhf-v/cpu:")
-    assert executor["resources"]["cpuRequest"] == 3
-    assert executor["resources"]["memoryRequest"] == pytest.approx(12 * 1024**3 / 1e9, rel=0.01)
+    executors = {name: e["container"] for name, e in spec["deploymentSpec"]["executors"].items()}
+    validate = executors["exec-validate-data"]
+    assert validate["image"].startswith("ghcr.io/safe-rlhf-v/cpu:")
+    assert validate["resources"]["cpuRequest"] == 3
+    assert validate["resources"]["memoryRequest"] == pytest.approx(12 * 1024**3 / 1e9, rel=0.01)
+    train = executors["exec-train-preference-model"]
+    assert train["image"].startswith("ghcr.io/safe-rlhf-v/train:")
+    assert train["resources"]["accelerator"]["resourceCount"] == "2"
+    tasks = spec["root"]["dag"]["tasks"]
+    assert tasks["train-preference-model"]["cachingOptions"] == {}, "training is never served from cache"
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["data_uri"]["defaultValue"] == str(tmp_path / "data")
+    assert params["base_model"]["defaultValue"] == str(tmp_path / "model")
