@@ -93,3 +93,14 @@ def test_config_is_frozen() -> None:
     cfg = config_from_dict(minimal())
     with pytest.raises(Exception, match="frozen"):
         cfg.base_model = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("preset", ["demo.yaml", "llava-1.5-7b.yaml", "qwen2-vl-7b.yaml"])
+def test_every_shipped_preset_loads(preset: str) -> None:
+    cfg = load_config(default_config_path().parent / preset)
+    if preset != "demo.yaml":  # the Safe RLHF-V settings for 7B models
+        train = cfg.train_cost.train
+        assert (train.zero_stage, train.precision, train.learning_rate, train.epochs) == (3, "bf16", 3e-5, 3)
+        assert train.lr_scheduler == "cosine" and train.warmup_ratio == 0.03
+        assert cfg.train_reward.regularization == 0.001
+        assert len(cfg.data.configs) == 20

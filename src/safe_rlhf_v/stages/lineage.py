@@ -62,8 +62,14 @@ def dataset_digests(data_uri: str) -> dict[str, str]:
 
 
 def model_digest(uri: str) -> str:
-    """Content digest of a model folder (local or s3://)."""
-    return storage.sha256_uri(uri)
+    """Content digest of a model folder (local or s3://); a hub id is recorded as `hub:<id>`.
+
+    Hashing a hub model would mean downloading it again; its id (with the revision the config pins)
+    identifies it instead.
+    """
+    if storage.is_s3(uri) or Path(uri).exists():
+        return storage.sha256_uri(uri)
+    return f"hub:{uri}"
 
 
 def write_lineage(folder: Path, record: dict[str, Any]) -> None:
