@@ -1,0 +1,81 @@
+"""The policy as a text generator: (image, question) batches in, answers out.
+
+Used wherever answers are produced outside PPO's rollout (the guardrail, evaluation, the demo
+check): left-padded prompts through the processor's chat template, sampling or greedy decoding
+with the KV cache, and only the newly generated tokens decoded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
+
+from safe_rlhf_v.data.collate import render_prompt
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Decoding knobs; `temperature == 0` means greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 16
+    seed: int | None = 0
+
+
+class Policy:
+    """A Hugging Face image-text-to-text model and its processor, ready to answer questions."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        settings: GenerationSettings | None = None,
+        *,
+        device: str = "cpu",
+        trust_remote_code: bool = False,
+    ) -> None:
+        self.settings = settings or GenerationSettings()
+        self.device = torch.device(device)
+        self.processor: ProcessorMixin = AutoProcessor.from_pretrained(
+            str(model_dir), trust_remote_code=trust_remote_code
+        )
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            str(model_dir), trust_remote_code=trust_remote_code
+        ).to(self.device)
+        self.model.eval()
+
+    @torch.no_grad()
+    def generate(self, images: list[Image.Image], questions: list[str]) -> list[str]:
+        """One answer per (image, question), in order."""
+        if len(images) != len(questions):
+            raise ValueError(f"got {len(images)} images for {len(questions)} questions")
+        if self.settings.seed is not None:
+            torch.manual_seed(self.settings.seed)
+        answers: list[str] = []
+        step = self.settings.batch_size
+        for start in range(0, len(questions), step):
+            answers += self._generate_batch(images[start : start + step], questions[start : start + step])
+        return answers
+
+    def _generate_batch(self, images: list[Image.Image], questions: list[str]) -> list[str]:
+        prompts = [render_prompt(self.processor, question) for question in questions]
+        inputs = self.processor(
+            images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt"
+        ).to(self.device)
+        sampling = self.settings.temperature > 0
+        tokenizer = self.processor.tokenizer
+        output = self.model.generate(
+            **inputs,
+            max_new_tokens=self.settings.max_new_tokens,
+            do_sample=sampling,
+            temperature=self.settings.temperature if sampling else None,
+            top_p=self.settings.top_p if sampling else None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
