@@ -235,9 +235,16 @@ class ScoreModel(torch.nn.Module):
         if gradient_checkpointing:
             # Non-reentrant checkpointing works with frozen inputs (no requires-grad hook on the
             # embeddings) and is the variant PyTorch recommends.
-            self.backbone.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            self.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    ) -> None:
+        """Recompute the backbone's activations in backward; same call as on a Hugging Face model, so
+        the training engine switches it on for policies and score models alike."""
+        self.backbone.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs
+        )
 
     def forward(
         self,

@@ -94,7 +94,8 @@ def score_stats(prefix: str, scores: torch.Tensor, harmful: torch.Tensor) -> dic
     return stats
 
 
-def _to_device(batch: PreferenceBatch, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def to_device(batch: PreferenceBatch, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Model inputs on the training device, floating ones (pixel values) in the engine's dtype."""
     inputs = {}
     for key, value in batch.inputs.items():
         value = value.to(device)
@@ -140,7 +141,7 @@ def evaluate(
     for chunk in _batches(_eval_indices(len(dataset), rank, world), batch_size):
         valid = torch.tensor([i >= 0 for i in chunk])
         batch = collator([dataset[max(i, 0)] for i in chunk])
-        out = engine(**_to_device(batch, engine.dist.device, engine.dtype))
+        out = engine(**to_device(batch, engine.dist.device, engine.dtype))
         scores = out.end_scores.float().cpu().view(2, -1).T  # (B, 2)
         rows.append(
             torch.cat(
@@ -168,7 +169,10 @@ def evaluate(
     )
 
 
-def _load_model(objective: Objective, settings: PreferenceSettings, ds_config: dict[str, Any]) -> ScoreModel:
+def load_score_model(
+    objective: Objective, settings: PreferenceSettings, ds_config: dict[str, Any]
+) -> ScoreModel:
+    """A fresh score head of the objective's kind on the base model (partitioned as built under ZeRO-3)."""
     with model_init_context(ds_config):
         return ScoreModel.from_base(
             settings.base_model,
@@ -205,7 +209,7 @@ def train_preference_model(
         processor, settings.max_length, min_response_tokens=settings.min_response_tokens
     )
     ds_config = train_ds_config(cfg, dist.world_size, dist.device.type)
-    model = _load_model(objective, settings, ds_config)
+    model = load_score_model(objective, settings, ds_config)
     sampler = DistributedSampler(
         range(len(train)),
         num_replicas=dist.world_size,
@@ -233,7 +237,7 @@ def train_preference_model(
             desc=f"{objective.kind} epoch {epoch + 1}/{cfg.epochs}",
         ):
             batch = collator([train[i] for i in indices])
-            out = engine(**_to_device(batch, dist.device, engine.dtype))
+            out = engine(**to_device(batch, dist.device, engine.dtype))
             half = len(indices)
             loss = objective.loss(out.end_scores[:half].float(), out.end_scores[half:].float(), batch)
             if not torch.isfinite(loss):
