@@ -112,12 +112,17 @@ def manifest_problem(folder: Path) -> str | None:
     return None
 
 
-def newest_valid(root: Path, logger: logging.Logger) -> tuple[int, Path] | None:
-    """The newest checkpoint under `root` that passes `manifest_problem`; warns about each one skipped."""
-    for step, folder in step_dirs(root):
+def newest_valid(root: Path, logger: logging.Logger, *, step: int | None = None) -> tuple[int, Path] | None:
+    """The newest checkpoint under `root` (or exactly `step`) that passes `manifest_problem`.
+
+    Warns about each one skipped.
+    """
+    for found, folder in step_dirs(root):
+        if step is not None and found != step:
+            continue
         problem = manifest_problem(folder)
         if problem is None:
-            return step, folder
+            return found, folder
         logger.warning("skipping checkpoint %s: %s", folder, problem)
     return None
 

@@ -422,19 +422,20 @@ class Engine:
         barrier()
         return folder
 
-    def load_latest(self, root: Path) -> dict[str, Any] | None:
+    def load_latest(self, root: Path, *, step: int | None = None) -> dict[str, Any] | None:
         """Resume from the newest verified checkpoint under `root`; returns its client_state.
 
         Rank 0 verifies manifests (skipping, with a warning, any folder that fails) and tells the
-        others which step to load. None when no checkpoint under `root` is valid.
+        others which step to load. None when no checkpoint under `root` is valid. `step` asks for
+        exactly that step (trainers with several engines resume them all at one common step).
         """
         root = Path(root)
-        found = ckpt.newest_valid(root, logger) if self.is_main else None
-        step = self._broadcast_int(found[0] if found else -1)
-        if step < 0:
+        found = ckpt.newest_valid(root, logger, step=step) if self.is_main else None
+        chosen = self._broadcast_int(found[0] if found else -1)
+        if chosen < 0:
             logger.info("%s: no valid checkpoint under %s, starting fresh", self.name, root)
             return None
-        folder = root / ckpt.tag_for(step)
+        folder = root / ckpt.tag_for(chosen)
         saved_world = json.loads((folder / ckpt.MANIFEST).read_text(encoding="utf-8"))["world_size"]
         if saved_world != self.dist.world_size:
             raise RuntimeError(
