@@ -103,18 +103,19 @@ def to_device(batch: PreferenceBatch, device: torch.device, dtype: torch.dtype) 
     return inputs
 
 
-def _batches(indices: list[int], size: int) -> list[list[int]]:
+def micro_batches(indices: list[int], size: int) -> list[list[int]]:
+    """Consecutive chunks of `size` indices (the last one may be shorter)."""
     return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
-def _epoch_batches(sampler: DistributedSampler, epoch: int, batch_size: int, skip: int) -> list[list[int]]:
+def epoch_batches(sampler: DistributedSampler, epoch: int, batch_size: int, skip: int) -> list[list[int]]:
     """This rank's micro-batches of an epoch, minus the `skip` already consumed before a restart."""
     sampler.set_epoch(epoch)
-    full = [b for b in _batches(list(sampler), batch_size) if len(b) == batch_size]
+    full = [b for b in micro_batches(list(sampler), batch_size) if len(b) == batch_size]
     return full[skip:]
 
 
-def _eval_indices(n: int, rank: int, world: int) -> list[int]:
+def eval_indices(n: int, rank: int, world: int) -> list[int]:
     """This rank's share of the evaluation rows, padded with -1 so every rank runs as many batches
     (ZeRO-3 gathers parameters collectively: ranks must run the same number of forward passes)."""
     per_rank = math.ceil(n / world)
@@ -122,7 +123,8 @@ def _eval_indices(n: int, rank: int, world: int) -> list[int]:
     return mine + [-1] * (per_rank - len(mine))
 
 
-def _gather(local: torch.Tensor) -> torch.Tensor:
+def gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's (n, k) table stacked in rank order (equal n on every rank: see `eval_indices`)."""
     if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
         return local
     parts = [torch.empty_like(local) for _ in range(tdist.get_world_size())]
@@ -138,7 +140,7 @@ def evaluate(
     engine.ds.eval()
     rank, world = engine.dist.rank, engine.dist.world_size
     rows: list[torch.Tensor] = []
-    for chunk in _batches(_eval_indices(len(dataset), rank, world), batch_size):
+    for chunk in micro_batches(eval_indices(len(dataset), rank, world), batch_size):
         valid = torch.tensor([i >= 0 for i in chunk])
         batch = collator([dataset[max(i, 0)] for i in chunk])
         out = engine(**to_device(batch, engine.dist.device, engine.dtype))
@@ -157,7 +159,7 @@ def evaluate(
             )
         )
     local = torch.cat(rows).to(engine.dist.device) if rows else torch.empty(0, 9, device=engine.dist.device)
-    table = _gather(local).cpu()
+    table = gather_rows(local).cpu()
     table = table[table[:, 8] > 0]
     engine.ds.train()
     return EvalTable(
@@ -232,7 +234,7 @@ def train_preference_model(
         skip = int(state["micro_batches_done"]) if epoch == int(state["epoch"]) else 0
         done = skip
         for indices in progress(
-            _epoch_batches(sampler, epoch, cfg.per_device_batch_size, skip),
+            epoch_batches(sampler, epoch, cfg.per_device_batch_size, skip),
             total=per_epoch - skip,
             desc=f"{objective.kind} epoch {epoch + 1}/{cfg.epochs}",
         ):
@@ -260,7 +262,7 @@ def train_preference_model(
                 )
         metrics = objective.metrics(evaluate(engine, evaluation, collator, settings.eval_batch_size))
         emit({f"eval/{k}": v for k, v in metrics.items()}, engine.global_step)
-        log.info("%s epoch %d: %s", objective.kind, epoch + 1, _fmt(metrics))
+        log.info("%s epoch %d: %s", objective.kind, epoch + 1, format_metrics(metrics))
         finished = cfg.max_steps is not None and engine.global_step >= cfg.max_steps
         position = (
             {"epoch": epoch + 1, "micro_batches_done": 0}
@@ -280,5 +282,6 @@ def train_preference_model(
     return metrics
 
 
-def _fmt(metrics: dict[str, float]) -> str:
+def format_metrics(metrics: dict[str, float]) -> str:
+    """`k=v` pairs for a log line."""
     return ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
