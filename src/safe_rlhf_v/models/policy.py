@@ -15,6 +15,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
 
 from safe_rlhf_v.data.collate import render_prompt
+from safe_rlhf_v.train.rollout import suppressed_tokens
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class Policy:
             temperature=self.settings.temperature if sampling else None,
             top_p=self.settings.top_p if sampling else None,
             pad_token_id=tokenizer.pad_token_id,
+            suppress_tokens=suppressed_tokens(tokenizer),
         )
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
