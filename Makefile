@@ -18,6 +18,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export GX_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 export DO_NOT_TRACK := 1
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: install demo test lint compile clean
 

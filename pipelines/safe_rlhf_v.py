@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 from kfp import dsl
 
+from safe_rlhf_v.components.train_guard import train_guard
+from safe_rlhf_v.components.train_ppo_lag import train_ppo_lag
 from safe_rlhf_v.components.train_preference import train_preference_model
 from safe_rlhf_v.components.validate_data import validate_data
 from safe_rlhf_v.config import PipelineConfig
@@ -43,13 +45,18 @@ def build_pipeline(cfg: PipelineConfig) -> Callable[..., dsl.PipelineTask]:
         validate_data: str
         train_reward: str
         train_cost: str
+        train_guard: str
+        train_ppo_lag: list
 
     @dsl.pipeline(
         name=cfg.name,
         description="Safe RLHF-V: align a vision-language model for helpfulness under a harm budget.",
     )
     def safe_rlhf_v(
-        data_uri: str = cfg.data.uri, base_model: str = cfg.base_model, config_json: str = config_json
+        data_uri: str = cfg.data.uri,
+        base_model: str = cfg.base_model,
+        ppo_variants: list = list(cfg.ppo_variants),  # noqa: B006 (KFP reads it as the UI default)
+        config_json: str = config_json,
     ) -> Outputs:
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         validate = validate_data(config_json=config_json, data_uri=data_uri, pipeline_run_id=run_id)
@@ -64,11 +71,32 @@ def build_pipeline(cfg: PipelineConfig) -> Callable[..., dsl.PipelineTask]:
                 validated=validate.outputs["validated"],
             )
             _request_resources(task, cfg, stage, cfg.images.gpu)
-            trained[stage] = task.outputs["Output"]
+            trained[stage] = task
+        guard = train_guard(
+            config_json=config_json,
+            base_model=base_model,
+            pipeline_run_id=run_id,
+            validated=validate.outputs["validated"],
+        )
+        _request_resources(guard, cfg, "train-guard", cfg.images.gpu)
+        with dsl.ParallelFor(ppo_variants) as variant:
+            ppo = train_ppo_lag(
+                variant=variant,
+                config_json=config_json,
+                base_model=base_model,
+                pipeline_run_id=run_id,
+                validated=validate.outputs["validated"],
+                reward_model=trained["train-reward"].outputs["model"],
+                cost_model=trained["train-cost"].outputs["model"],
+            )
+            _request_resources(ppo, cfg, "train-ppo-lag", cfg.images.gpu)
+            ppo.after(guard)  # the guard gates the evaluation of the trained policy
         return Outputs(
             validate_data=validate.outputs["Output"],
-            train_reward=trained["train-reward"],
-            train_cost=trained["train-cost"],
+            train_reward=trained["train-reward"].outputs["Output"],
+            train_cost=trained["train-cost"].outputs["Output"],
+            train_guard=guard.outputs["Output"],
+            train_ppo_lag=dsl.Collected(ppo.outputs["Output"]),
         )
 
     return safe_rlhf_v

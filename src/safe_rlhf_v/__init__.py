@@ -2,7 +2,9 @@
 
 Importing the package switches off the usage telemetry of the libraries it drives (MLflow,
 Great Expectations, Hugging Face, DeepSpeed's dependencies) before any of them is imported, so no
-run phones home from a cluster or a laptop. Explicit settings in the environment win.
+run phones home from a cluster or a laptop. It also makes idle OpenMP threads sleep instead of
+spin: on a shared CPU, spinning threads made training 4x slower. Explicit settings in the
+environment win.
 """
 
 import os
@@ -14,6 +16,7 @@ _TELEMETRY_OFF = {
     "GX_ANALYTICS_ENABLED": "false",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "DO_NOT_TRACK": "1",
+    "OMP_WAIT_POLICY": "PASSIVE",
 }
 for _key, _value in _TELEMETRY_OFF.items():
     os.environ.setdefault(_key, _value)

@@ -13,10 +13,13 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from safe_rlhf_v.config import ConfigError, PipelineConfig, load_config
 
-log = logging.getLogger("safe_rlhf_v")
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
 DEFAULT_CONFIG = "demo.yaml"
 
 
@@ -50,17 +53,13 @@ def cmd_make_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_make_demo_model(args: argparse.Namespace) -> int:
-    from safe_rlhf_v.data.sources import load_split
-    from safe_rlhf_v.data.synthetic import corpus, generate_records
-    from safe_rlhf_v.models.tiny import build_tiny_vlm
+    from safe_rlhf_v.train.sft import build_demo_policy
 
-    if args.data:
-        records = load_split(args.data, "train")
-        log.info("training the tokenizer on %d rows of %s", len(records), args.data)
-    else:
-        records = generate_records(args.rows, seed=args.seed, split="train")
-    out = build_tiny_vlm(Path(args.out), corpus(records), family=args.family, seed=args.seed)
-    print(f"model: {out}")
+    metrics = build_demo_policy(
+        args.data, Path(args.out), seed=args.seed, epochs=args.sft_epochs, family=args.family
+    )
+    print(f"eval loss: {metrics['loss']:.4f} per response token")
+    print(f"model: {args.out}")
     return 0
 
 
@@ -82,6 +81,72 @@ def cmd_train_score(args: argparse.Namespace) -> int:
     if result.outputs:
         print(json.dumps(result.metrics, indent=2, sort_keys=True))
         print(f"model: {result.outputs['model']}")
+    return 0
+
+
+def cmd_train_ppo(args: argparse.Namespace) -> int:
+    from safe_rlhf_v.stages import train_ppo
+
+    cfg = _config(args)
+    result = train_ppo.run(
+        cfg,
+        args.data,
+        args.reward_model,
+        args.cost_model,
+        args.out,
+        variant=args.variant,
+        base_model=args.policy,
+    )
+    if result.outputs:
+        print(json.dumps(result.metrics, indent=2, sort_keys=True))
+        print(f"policy: {result.outputs['model']}")
+    return 0
+
+
+def cmd_train_guard(args: argparse.Namespace) -> int:
+    from safe_rlhf_v.stages import train_guard
+
+    result = train_guard.run(_config(args), args.data, args.out, base_model=args.base_model)
+    if result.outputs:
+        print(json.dumps(result.metrics, indent=2, sort_keys=True))
+        print(f"guard: {result.outputs['model']}")
+    return 0
+
+
+def _read_image(path: str) -> PILImage:
+    """An RGB image, or a ValueError naming the file (missing, not an image, truncated)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"cannot read image {path}: {error}") from None
+
+
+def cmd_moderate(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from safe_rlhf_v.models.judge import GuardJudge
+
+    if not args.question.strip():
+        raise ValueError("--question is empty: the guard judges a question (and optionally an answer)")
+    image = _read_image(args.image)
+    judge = GuardJudge(args.guard)
+    verdict: dict[str, object] = {"query": asdict(judge.judge_queries([image], [args.question])[0])}
+    if args.response is not None:
+        verdict["response"] = asdict(judge.judge_answers([image], [args.question], [args.response])[0])
+    print(json.dumps(verdict, indent=2))
+    return 0
+
+
+def cmd_guarded_generate(args: argparse.Namespace) -> int:
+    from safe_rlhf_v.stages.guarded import guarded_generate
+
+    cfg = _config(args)
+    summary = guarded_generate(cfg, args.policy, args.guard, args.data, Path(args.out), limit=args.limit)
+    print(json.dumps(summary, indent=2))
+    print(f"answers and traces: {args.out}")
     return 0
 
 
@@ -120,10 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_demo_data)
 
-    p = sub.add_parser("make-demo-model", help="build the tiny local vision-language model")
+    p = sub.add_parser(
+        "make-demo-model", help="build the tiny local vision-language model and warm-start it by SFT"
+    )
     p.add_argument("--out", required=True, help="output folder (a Hugging Face model directory)")
-    p.add_argument("--data", help="demo data folder whose texts train the tokenizer")
-    p.add_argument("--rows", type=int, default=600, help="synthetic rows for the tokenizer when no --data")
+    p.add_argument(
+        "--data", required=True, help="demo data folder: its texts train the tokenizer, its pairs the SFT"
+    )
+    p.add_argument("--sft-epochs", type=int, default=None, help="supervised epochs (default: the demo's 5)")
     p.add_argument("--family", default="llava", help="model family (default llava)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_demo_model)
@@ -145,6 +214,44 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         p.set_defaults(func=cmd_train_score)
 
+    p = sub.add_parser("train-guard", help="stage: train the Beaver-Guard-V guard on validated data")
+    p.add_argument("--data", required=True, help="a validate-data output folder (local or s3://)")
+    p.add_argument("--out", required=True, help="output guard folder or s3:// prefix")
+    p.add_argument("--base-model", help="backbone to start from; default: the config's base_model")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train_guard)
+
+    p = sub.add_parser("moderate", help="judge one request (and answer) with a guard; prints JSON")
+    p.add_argument("--guard", required=True, help="a train-guard output folder")
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--question", required=True)
+    p.add_argument("--response", help="an answer to judge too")
+    p.set_defaults(func=cmd_moderate)
+
+    p = sub.add_parser(
+        "guarded-generate", help="answer a data set's prompts behind the multi-level guardrail"
+    )
+    p.add_argument("--policy", required=True, help="policy model folder")
+    p.add_argument("--guard", required=True, help="guard folder")
+    p.add_argument("--data", required=True, help="data URI whose evaluation split gives the prompts")
+    p.add_argument("--out", required=True, help="output JSON file: summary and one trace per prompt")
+    p.add_argument("--limit", type=int, default=None, help="at most this many prompts")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_guarded_generate)
+
+    p = sub.add_parser("train-ppo-lag", help="stage: Safe RLHF-V PPO-Lagrangian fine-tuning (torchrun-able)")
+    p.add_argument("--data", required=True, help="a validate-data output folder (prompts)")
+    p.add_argument("--reward-model", required=True, help="train-reward output folder")
+    p.add_argument("--cost-model", required=True, help="train-cost output folder")
+    p.add_argument("--out", required=True, help="output policy folder or s3:// prefix")
+    p.add_argument("--policy", help="initial policy; default: the config's base_model")
+    p.add_argument(
+        "--variant", default="safe-rlhf-v", choices=["safe-rlhf-v", "reward-only", "fixed-lambda"],
+        help="safe-rlhf-v (default) or an ablation",
+    )  # fmt: skip
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train_ppo)
+
     p = sub.add_parser("run", help="run the whole pipeline locally through kfp.local")
     p.add_argument("--data", help="data URI; default: the config's data.uri")
     _add_config_args(p)
@@ -161,7 +268,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from safe_rlhf_v.stages.validate_data import DataValidationError
     from safe_rlhf_v.storage import StorageError
 
-    return (ConfigError, DataValidationError, StorageError, FileNotFoundError, ValueError)
+    return (ConfigError, DataValidationError, StorageError, FileNotFoundError, FileExistsError, ValueError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -126,6 +126,108 @@ class CostStageConfig(ScoreStageConfig):
     """binary: +1 harmful / -1 safe (Safe RLHF); rate: -harmless_rate (the Safe RLHF-V code)."""
 
 
+class GuardStageConfig(StrictModel):
+    """`train-guard` (Beaver-Guard-V): rating, category and request-severity heads on the backbone."""
+
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    max_length: int = Field(default=2048, ge=16)
+    min_response_tokens: int = Field(default=8, ge=1)
+    eval_batch_size: int = Field(default=8, ge=1)
+    freeze_vision_tower: bool = True
+    freeze_projector: bool = False
+    rating_loss_weight: float = Field(default=1.0, ge=0.0)
+    category_loss_weight: float = Field(default=1.0, ge=0.0)
+    query_loss_weight: float = Field(default=1.0, ge=0.0)
+    max_class_weight: float = Field(default=10.0, ge=1.0)
+    """Inverse-frequency class weights are clipped to [1/max, max]; 1 switches weighting off."""
+    extra_data: str | None = None
+    """A flattened (one answer per row) data set whose `train` split adds guard training rows."""
+
+
+class GenerationConfig(StrictModel):
+    """How the policy samples answers during PPO rollouts and evaluation."""
+
+    max_new_tokens: int = Field(default=512, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0)
+    """0 means greedy decoding."""
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+
+
+class GuardrailConfig(StrictModel):
+    """The multi-level guardrail: which request severities are refused, how many re-generations."""
+
+    rounds: int = Field(default=5, ge=0)
+    refuse_severities: list[Literal["minor", "moderate", "severe"]] = Field(
+        default_factory=lambda: ["severe"]
+    )
+    """Request severities (the guard's query head) refused at level 1 without generating."""
+    generation: GenerationConfig = Field(default_factory=lambda: GenerationConfig(max_new_tokens=64))
+    batch_size: int = Field(default=16, ge=1)
+
+
+class LagrangianConfig(StrictModel):
+    """The multiplier of the harm budget `J_C <= threshold` (align-anything defaults)."""
+
+    rule: Literal["log", "projected", "fixed"] = "log"
+    """log: gradient step on log(lambda) (the code); projected: clip(lambda + lr (J_C - d)) (the paper)."""
+    init: float = Field(default=10.0, ge=0.0)
+    max: float = Field(default=20.0, gt=0.0)
+    lr: float = Field(default=0.1, gt=0.0)
+    threshold: float = -0.5
+    """The budget d on the expected cost."""
+    update_delay_steps: int = Field(default=1, ge=0)
+    episode_cost_window: int = Field(default=128, ge=1)
+
+
+PPOVariant = Literal["safe-rlhf-v", "reward-only", "fixed-lambda"]
+
+
+class PPOStageConfig(StrictModel):
+    """`train-ppo-lag`: the actor, the two critics, rollouts, shaping and the Lagrange multiplier."""
+
+    actor: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=2, per_device_batch_size=2, learning_rate=5e-7)
+    )
+    critic: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(
+            epochs=2, per_device_batch_size=2, learning_rate=5e-7, lr_scheduler="constant_with_warmup"
+        )
+    )
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    lagrangian: LagrangianConfig = Field(default_factory=LagrangianConfig)
+    prompt_batch_size: int = Field(default=2, ge=1)
+    """Prompts per rollout per process; a multiple of actor/critic `per_device_batch_size`."""
+    update_iters: int = Field(default=1, ge=1)
+    kl_coeff: float = Field(default=0.02, ge=0.0)
+    clip_range_ratio: float = Field(default=0.2, gt=0.0)
+    clip_range_score: float = Field(default=50.0, gt=0.0)
+    clip_range_value: float = Field(default=5.0, gt=0.0)
+    gamma: float = Field(default=1.0, ge=0.0, le=1.0)
+    gae_lambda: float = Field(default=0.95, ge=0.0, le=1.0)
+    ptx_coeff: float = Field(default=16.0, ge=0.0)
+    ptx_data: str | None = None
+    """A data set of (image, question, response) rows for the supervised PTX loss; None turns PTX off."""
+    reward_critic_model: str | None = None
+    """Initial reward critic; None: the reward model from `train-reward`."""
+    cost_critic_model: str | None = None
+    """Initial cost critic; None: the cost model from `train-cost` (honoured, unlike the reference code)."""
+    frozen_zero_stage: Literal[0, 3] = 0
+    """Reference, reward and cost models: 0 (a full copy per process) or 3 (partitioned)."""
+    eval_prompts: int = Field(default=64, ge=1)
+    """Held-out prompts in the stage's closing before/after evaluation."""
+
+    @model_validator(mode="after")
+    def _divisible(self) -> PPOStageConfig:
+        for name in ("actor", "critic"):
+            size = getattr(self, name).per_device_batch_size
+            if self.prompt_batch_size % size:
+                raise ValueError(
+                    f"prompt_batch_size={self.prompt_batch_size} must be a multiple of "
+                    f"{name}.per_device_batch_size={size}"
+                )
+        return self
+
+
 class TrackingConfig(StrictModel):
     """MLflow settings. `tracking_uri: null` means `MLFLOW_TRACKING_URI`, else sqlite in the work dir."""
 
@@ -170,6 +272,11 @@ class PipelineConfig(StrictModel):
     validate_data: ValidationConfig = Field(default_factory=ValidationConfig)
     train_reward: RewardStageConfig = Field(default_factory=RewardStageConfig)
     train_cost: CostStageConfig = Field(default_factory=CostStageConfig)
+    train_guard: GuardStageConfig = Field(default_factory=GuardStageConfig)
+    guardrail: GuardrailConfig = Field(default_factory=GuardrailConfig)
+    train_ppo_lag: PPOStageConfig = Field(default_factory=PPOStageConfig)
+    ppo_variants: list[PPOVariant] = Field(default_factory=lambda: ["safe-rlhf-v"], min_length=1)
+    """PPO runs side by side: `safe-rlhf-v` and ablations (`reward-only`, `fixed-lambda`)."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     images: ImagesConfig = Field(default_factory=ImagesConfig)
     resources: dict[str, ResourcesConfig] = Field(default_factory=dict)

@@ -11,8 +11,8 @@ template. Truncation happens *after* the processor: the processor cannot be told
 go, and a plain ``truncation=True`` would cut image tokens (the model then fails on a mismatch
 between image features and placeholders) or cut the whole answer away. Instead each sequence keeps
 its full prompt and loses only the tail of its response; a prompt too long to leave room for a
-meaningful response is an error rather than a silently useless training pair. Both collators go
-through :func:`encode_conversations`, so they tokenize and truncate identically.
+meaningful response is an error rather than a silently useless training pair. Every collator goes
+through :func:`encode_conversations`, so they all tokenize and truncate identically.
 """
 
 from __future__ import annotations

@@ -1,0 +1,37 @@
+"""KFP component `train-guard`: a thin caller of `stages.train_guard.run`.
+
+No `from __future__ import annotations`: KFP reads the real annotations.
+"""
+
+from kfp import dsl
+from kfp.dsl import ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+
+from safe_rlhf_v.config import ImagesConfig
+
+
+@dsl.component(base_image=ImagesConfig().gpu, install_kfp_package=False)
+def train_guard(
+    config_json: str,
+    base_model: str,
+    pipeline_run_id: str,
+    validated: Input[Dataset],
+    guard: Output[Model],
+    metrics: Output[Metrics],
+    severity_confusion: Output[ClassificationMetrics],
+) -> str:
+    """Train Beaver-Guard-V; its severity confusion matrix shows in the run's visualizations."""
+    from safe_rlhf_v.components import kfp_io
+    from safe_rlhf_v.stages import train_guard as stage
+
+    result = stage.run(
+        kfp_io.parse_config(config_json),
+        validated.path,
+        guard.path,
+        pipeline_run_id=pipeline_run_id,
+        base_model=base_model,
+    )
+    kfp_io.publish_metrics(result, metrics)
+    confusion = result.details["confusion"]["severity"]
+    severity_confusion.log_confusion_matrix(confusion["labels"], confusion["matrix"])
+    guard.metadata.update({"kind": "guard"})
+    return result.to_json()
