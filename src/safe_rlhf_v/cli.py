@@ -274,10 +274,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `safe-rlhf-v` console script."""
     args = build_parser().parse_args(argv)
+    # Our progress at INFO; third-party libraries (great-expectations logs hundreds of INFO lines on
+    # import) only from WARNING unless --verbose.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("safe_rlhf_v").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
