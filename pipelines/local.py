@@ -52,6 +52,13 @@ def absolute_config(cfg: PipelineConfig) -> PipelineConfig:
     )
 
 
+def _payloads(output: Any) -> list[str]:
+    """Stage results from a pipeline output: one JSON string, or (from a ParallelFor) nested lists."""
+    if isinstance(output, list):
+        return [payload for item in output for payload in _payloads(item)]
+    return [output]
+
+
 def run_local(cfg: PipelineConfig, data_uri: str | None = None) -> LocalRun:
     """Run the whole pipeline locally and write `summary.json`; never raises for a failed stage."""
     if data_uri:
