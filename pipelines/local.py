@@ -78,11 +78,16 @@ def run_local(cfg: PipelineConfig, data_uri: str | None = None) -> LocalRun:
             warnings.filterwarnings("ignore", message=".*no effect in the current local runner.*")
             warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
             task = pipeline(
-                data_uri=cfg.data.uri, base_model=cfg.base_model, config_json=cfg.model_dump_json()
+                data_uri=cfg.data.uri,
+                base_model=cfg.base_model,
+                ppo_variants=list(cfg.ppo_variants),
+                config_json=cfg.model_dump_json(),
             )
-        for payload in task.outputs.values():
-            result = StageResult.from_json(payload)
-            stages[result.stage] = asdict(result)
+        for output in task.outputs.values():
+            for payload in _payloads(output):
+                result = StageResult.from_json(payload)
+                variant = result.details.get("variant")
+                stages[f"{result.stage}/{variant}" if variant else result.stage] = asdict(result)
     except RuntimeError as failure:
         error = str(failure)
         log.error("pipeline failed: %s", error)

@@ -15,11 +15,20 @@ from safe_rlhf_v.config import PipelineConfig, config_from_dict
 from safe_rlhf_v.models.score import ScoreModel
 from safe_rlhf_v.pipelines.local import run_local
 from safe_rlhf_v.stages.lineage import read_lineage
+from safe_rlhf_v.summary import format_summary
 from safe_rlhf_v.tracking import PIPELINE_RUN_TAG, STAGE_TAG
 
 
 def demo_config(tmp_path: Path, data_uri: Path, model: Path | None = None) -> PipelineConfig:
     quick = {"max_length": 192, "train": {"epochs": 1, "max_steps": 3, "per_device_batch_size": 8}}
+    ppo_train = {"epochs": 1, "max_steps": 2, "per_device_batch_size": 4, "precision": "fp32"}
+    ppo = {
+        "actor": ppo_train,
+        "critic": ppo_train,
+        "prompt_batch_size": 4,
+        "generation": {"max_new_tokens": 8},
+        "eval_prompts": 8,
+    }
     return config_from_dict(
         {
             "name": "pipeline-test",
@@ -30,6 +39,9 @@ def demo_config(tmp_path: Path, data_uri: Path, model: Path | None = None) -> Pi
             "validate_data": {"min_rows": {"train": 50, "evaluation": 10}, "fail_on_leakage": True},
             "train_reward": quick,
             "train_cost": quick,
+            "train_guard": quick,
+            "train_ppo_lag": ppo,
+            "ppo_variants": ["safe-rlhf-v", "reward-only"],
             "resources": {
                 "validate-data": {"cpu": "3", "memory": "12Gi"},
                 "train-reward": {"cpu": "8", "memory": "64Gi", "gpus": 2},
@@ -82,6 +94,18 @@ def test_local_run_validates_trains_and_records_lineage(
         lineage = read_lineage(str(model_dir))
         assert lineage["data_sha256"]["train"] == train_sha, "the model traces back to the validated data"
         assert client.get_run(trained["mlflow_run_id"]).data.tags["mlflow.parentRunId"] == parent.info.run_id
+
+    guard = summary["stages"]["train-guard"]
+    assert 0.0 <= guard["metrics"]["safe_accuracy"] <= 1.0
+    assert read_lineage(guard["outputs"]["model"])["data_sha256"]["train"] == train_sha
+    reward_dir = summary["stages"]["train-reward"]["outputs"]["model"]
+    for variant in ("safe-rlhf-v", "reward-only"):
+        ppo = summary["stages"][f"train-ppo-lag/{variant}"]
+        assert {"initial_reward", "trained_reward", "trained_harmful_share"} <= set(ppo["metrics"])
+        lineage = read_lineage(ppo["outputs"]["model"])
+        assert lineage["variant"] == variant and lineage["reward_model"] == reward_dir
+        assert lineage["data_sha256"]["train"] == train_sha
+    assert "initial policy" in format_summary(run) and "reward-only" in format_summary(run)
 
 
 @pytest.mark.slow
