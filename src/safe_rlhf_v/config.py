@@ -179,6 +179,16 @@ class LagrangianConfig(StrictModel):
     episode_cost_window: int = Field(default=128, ge=1)
 
 
+class LoraSettings(StrictModel):
+    """Low-rank adapters on the actor (peft): trains a few million parameters instead of all 7B."""
+
+    r: int = Field(default=16, ge=1)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+    """A regular expression over module names (peft matches it in full): the LLM's attention."""
+
+
 PPOVariant = Literal["safe-rlhf-v", "reward-only", "fixed-lambda"]
 
 
@@ -211,6 +221,8 @@ class PPOStageConfig(StrictModel):
     """Initial reward critic; None: the reward model from `train-reward`."""
     cost_critic_model: str | None = None
     """Initial cost critic; None: the cost model from `train-cost` (honoured, unlike the reference code)."""
+    actor_lora: LoraSettings | None = None
+    """LoRA on the actor; None trains every actor parameter. The saved policy has the adapters merged."""
     frozen_zero_stage: Literal[0, 3] = 0
     """Reference, reward and cost models: 0 (a full copy per process) or 3 (partitioned)."""
     eval_prompts: int = Field(default=64, ge=1)
@@ -218,6 +230,8 @@ class PPOStageConfig(StrictModel):
 
     @model_validator(mode="after")
     def _divisible(self) -> PPOStageConfig:
+        if self.actor_lora is not None and self.actor.zero_stage == 3:
+            raise ValueError("actor_lora with actor.zero_stage=3 is not supported: use ZeRO 0-2 with LoRA")
         for name in ("actor", "critic"):
             size = getattr(self, name).per_device_batch_size
             if self.prompt_batch_size % size:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from safe_rlhf_v.config import PPOStageConfig
+from safe_rlhf_v.config import LoraSettings, PPOStageConfig
 from safe_rlhf_v.data.sources import load_split
 from safe_rlhf_v.models.score import ScoreModel
 from safe_rlhf_v.train.ppo_lagrangian import PPOLagrangianTrainer, PPOModels
@@ -121,3 +121,35 @@ def test_kill_and_resume_continues_with_the_same_lambda_and_step(
     resumed.train()
     assert resumed.step == 3 and len(history) == 1, "only the missing step ran"
     assert resumed.roles.actor.global_step == 3
+
+
+def test_lora_actor_trains_adapters_only_and_saves_a_merged_policy(
+    tmp_path: Path, models: PPOModels, demo_data: Path
+) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    cfg = config(-50.0).model_copy(update={"actor_lora": LoraSettings(r=4, alpha=8)})
+    run, _ = trainer(cfg, models, demo_data, tmp_path / "ckpt")
+    actor = run.roles.actor.module
+    trainable = sum(p.numel() for p in actor.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in actor.parameters())
+    assert 0 < trainable < total / 10
+    before = {n: p.detach().clone() for n, p in actor.named_parameters() if "lora_B" in n}
+    run.train()
+    after = dict(actor.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before), "the adapters learned"
+    run.save_actor(tmp_path / "policy")
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "policy")
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_ptx_loss_joins_the_actor_update(tmp_path: Path, models: PPOModels, demo_data: Path) -> None:
+    from safe_rlhf_v.train.sft import examples_from_pairs
+
+    ptx = examples_from_pairs(load_split(str(demo_data), "train").select(range(8)))
+    prompts = load_split(str(demo_data), "train").select(range(16))
+    run = PPOLagrangianTrainer(
+        config(-50.0), models, prompts, variant="safe-rlhf-v", checkpoint_dir=tmp_path / "ckpt", ptx=ptx
+    )
+    metrics = run.train()
+    assert metrics["ptx_loss"] > 0 and torch.isfinite(torch.tensor(metrics["ptx_loss"]))

@@ -97,11 +97,9 @@ def run(
         )
         last = trainer.train()
         evaluation = quick_eval(trainer, held_out, batch_size=section.prompt_batch_size * 4)
-        weights = trainer.actor_state_dict()
+        trainer.save_actor(out)
         if not main:
             return StageResult(stage=STAGE, status="succeeded", metrics=evaluation)
-        trainer.roles.actor.module.save_pretrained(out, state_dict=weights, safe_serialization=True)
-        trainer.roles.processor.save_pretrained(out)
         metrics = evaluation | {"final_lambda": last.get("lambda", 0.0), "final_J_C": last.get("J_C", 0.0)}
         lineage = {
             "stage": STAGE,

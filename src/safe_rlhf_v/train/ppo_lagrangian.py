@@ -27,6 +27,7 @@ from typing import Any
 
 import datasets
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch.utils.data import DistributedSampler
 from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
 
@@ -97,6 +98,17 @@ class Roles:
         actor_ds = train_ds_config(cfg.actor, dist.world_size, dist.device.type)
         with model_init_context(actor_ds):
             actor = AutoModelForImageTextToText.from_pretrained(models.actor)
+        if cfg.actor_lora is not None:
+            lora = cfg.actor_lora
+            actor = get_peft_model(
+                actor,
+                LoraConfig(
+                    r=lora.r,
+                    lora_alpha=lora.alpha,
+                    lora_dropout=lora.dropout,
+                    target_modules=lora.target_modules,
+                ),
+            )
         self.actor = Engine(actor, cfg.actor, total_steps=total_steps, name="actor")
         self.reference = frozen_engine(
             AutoModelForImageTextToText.from_pretrained(models.actor),
@@ -378,9 +390,20 @@ class PPOLagrangianTrainer:
                 self.save()
         return metrics
 
-    def actor_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full actor weights on rank 0 (every rank must call)."""
-        return self.roles.actor.state_dict_for_save()
+    def save_actor(self, out_dir: Path | None) -> None:
+        """Write the trained policy (LoRA adapters merged in) as a Hugging Face folder on rank 0.
+
+        Every rank must call it (ZeRO-3 gathers the weights); `out_dir` is only used on rank 0.
+        """
+        weights = self.roles.actor.state_dict_for_save()
+        if self.dist.rank != 0 or out_dir is None:
+            return
+        module = self.roles.actor.module
+        if isinstance(module, PeftModel):
+            module.merge_and_unload().save_pretrained(out_dir)
+        else:
+            module.save_pretrained(out_dir, state_dict=weights)
+        self.roles.processor.save_pretrained(out_dir)
 
 
 def _add(totals: dict[str, float], values: dict[str, float]) -> dict[str, float]:
