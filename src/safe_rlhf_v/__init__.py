@@ -4,9 +4,10 @@ Importing the package switches off the usage telemetry of the libraries it drive
 Great Expectations, Hugging Face, DeepSpeed's dependencies) before any of them is imported, so no
 run phones home from a cluster or a laptop. It also makes idle OpenMP threads sleep instead of
 spin: on a shared CPU, spinning threads made training 4x slower. Explicit settings in the
-environment win.
+environment win. great-expectations' import-time INFO chatter is silenced.
 """
 
+import logging
 import os
 
 __version__ = "0.1.0"
@@ -20,3 +21,6 @@ _TELEMETRY_OFF = {
 }
 for _key, _value in _TELEMETRY_OFF.items():
     os.environ.setdefault(_key, _value)
+
+# great-expectations logs a few hundred INFO lines while it imports; they bury every stage's output.
+logging.getLogger("great_expectations").setLevel(logging.WARNING)
