@@ -39,7 +39,7 @@ from transformers import AutoModel, PreTrainedModel, ProcessorMixin
 
 from safe_rlhf_v.data.schema import CATEGORIES, HARMLESS_RATE_RANGE, SEVERITIES, Severity, severity_from_rate
 from safe_rlhf_v.models.score import CONFIG_FILE as SCORE_CONFIG_FILE
-from safe_rlhf_v.models.score import ScoreModel, last_token_index
+from safe_rlhf_v.models.score import ScoreModel, backbone_state, last_token_index
 
 KIND: Final = "guard"
 HEADS_FILE: Final = "guard_heads.safetensors"
@@ -354,16 +354,7 @@ class GuardModel(torch.nn.Module):
             raise ValueError(
                 f"state_dict must hold heads.{{{', '.join(sorted(expected))}}}, got {sorted(heads)}"
             )
-        backbone_state = None
-        if state_dict is not None:
-            backbone_state = {
-                key.removeprefix("backbone."): tensor
-                for key, tensor in state_dict.items()
-                if key.startswith("backbone.")
-            }
-            if not backbone_state:
-                raise ValueError("state_dict holds no backbone.* weights")
-        self.backbone.save_pretrained(out_dir, state_dict=backbone_state)
+        self.backbone.save_pretrained(out_dir, state_dict=backbone_state(state_dict))
         save_file(heads, str(out_dir / HEADS_FILE), metadata={"format": "pt"})
         (out_dir / CONFIG_FILE).write_text(json.dumps(self.guard_config(), indent=2, sort_keys=True) + "\n")
         if processor is not None:

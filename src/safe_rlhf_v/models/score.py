@@ -85,6 +85,19 @@ def _find_submodule(backbone: torch.nn.Module, names: tuple[str, ...]) -> torch.
     return None
 
 
+def backbone_state(state_dict: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """The `backbone.*` weights of a model-with-heads state dict, keyed as the backbone names them
+    (None passes through: save the live backbone). Shared by the score model and the guard."""
+    if state_dict is None:
+        return None
+    weights = {
+        key.removeprefix("backbone."): t for key, t in state_dict.items() if key.startswith("backbone.")
+    }
+    if not weights:
+        raise ValueError("state_dict holds no backbone.* weights")
+    return weights
+
+
 def read_score_config(folder: Path) -> dict[str, Any]:
     """The ``score_config.json`` of a score model folder, with a clear error for anything else."""
     if not folder.is_dir():
@@ -300,16 +313,7 @@ class ScoreModel(torch.nn.Module):
             raise ValueError(
                 f"state_dict must hold score_head.weight and score_head.bias, got {sorted(head)}"
             )
-        backbone_state = None
-        if state_dict is not None:
-            backbone_state = {
-                key.removeprefix("backbone."): tensor
-                for key, tensor in state_dict.items()
-                if key.startswith("backbone.")
-            }
-            if not backbone_state:
-                raise ValueError("state_dict holds no backbone.* weights")
-        self.backbone.save_pretrained(out_dir, state_dict=backbone_state)
+        self.backbone.save_pretrained(out_dir, state_dict=backbone_state(state_dict))
         save_file(head, str(out_dir / HEAD_FILE), metadata={"format": "pt"})
         (out_dir / CONFIG_FILE).write_text(json.dumps(self.score_config(), indent=2, sort_keys=True) + "\n")
         if processor is not None:

@@ -49,6 +49,7 @@ import torch
 import torch.distributed as tdist
 from deepspeed.accelerator import get_accelerator
 from torch import nn
+from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.integrations import HfDeepSpeedConfig
@@ -275,6 +276,21 @@ def total_optimizer_steps(cfg: TrainConfig, micro_batches_per_epoch: int) -> int
             "lower gradient_accumulation_steps or per_device_batch_size, or add data"
         )
     return min(steps, cfg.max_steps) if cfg.max_steps is not None else steps
+
+
+def epoch_sampler(rows: int, cfg: TrainConfig, dist: DistInfo, what: str) -> tuple[DistributedSampler, int]:
+    """This rank's shuffled share of `rows` training rows and its number of full micro-batches per
+    epoch (a partial batch is dropped, so every rank runs the same number of steps)."""
+    sampler = DistributedSampler(
+        range(rows), num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed, drop_last=True
+    )
+    per_epoch = len(sampler) // cfg.per_device_batch_size
+    if per_epoch == 0:
+        raise ValueError(
+            f"{rows} {what} give no full batch of {cfg.per_device_batch_size} per process "
+            f"on {dist.world_size} process(es); lower per_device_batch_size"
+        )
+    return sampler, per_epoch
 
 
 def _num_elements(param: nn.Parameter) -> int:

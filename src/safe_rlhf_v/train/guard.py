@@ -51,7 +51,6 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
 from sklearn.utils.class_weight import compute_class_weight
-from torch.utils.data import DistributedSampler
 from transformers import AutoProcessor, ProcessorMixin
 
 from safe_rlhf_v.config import TrainConfig
@@ -71,6 +70,7 @@ from safe_rlhf_v.train.distributed import (
     Engine,
     all_reduce_mean,
     barrier,
+    epoch_sampler,
     get_logger,
     init_distributed,
     model_init_context,
@@ -475,20 +475,7 @@ def train_guard(
             freeze_projector=settings.freeze_projector,
             trust_remote_code=settings.trust_remote_code,
         )
-    sampler = DistributedSampler(
-        range(len(train_rows)),
-        num_replicas=dist.world_size,
-        rank=dist.rank,
-        shuffle=True,
-        seed=cfg.seed,
-        drop_last=True,
-    )
-    per_epoch = len(sampler) // cfg.per_device_batch_size
-    if per_epoch == 0:
-        raise ValueError(
-            f"{len(train_rows)} guard training rows give no full batch of {cfg.per_device_batch_size} per "
-            f"process on {dist.world_size} process(es); lower per_device_batch_size"
-        )
+    sampler, per_epoch = epoch_sampler(len(train_rows), cfg, dist, "guard training rows")
     engine = Engine(model, cfg, total_steps=total_optimizer_steps(cfg, per_epoch), name="guard")
     state = engine.load_latest(checkpoint_dir) or {"epoch": 0, "micro_batches_done": 0}
     emit = sink if (sink is not None and engine.is_main) else (lambda metrics, step: None)

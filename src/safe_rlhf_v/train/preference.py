@@ -27,6 +27,7 @@ from safe_rlhf_v.train.distributed import (
     Engine,
     all_reduce_mean,
     barrier,
+    epoch_sampler,
     get_logger,
     init_distributed,
     model_init_context,
@@ -212,20 +213,7 @@ def train_preference_model(
     )
     ds_config = train_ds_config(cfg, dist.world_size, dist.device.type)
     model = load_score_model(objective, settings, ds_config)
-    sampler = DistributedSampler(
-        range(len(train)),
-        num_replicas=dist.world_size,
-        rank=dist.rank,
-        shuffle=True,
-        seed=cfg.seed,
-        drop_last=True,
-    )
-    per_epoch = len(sampler) // cfg.per_device_batch_size
-    if per_epoch == 0:
-        raise ValueError(
-            f"{len(train)} training pairs give no full batch of {cfg.per_device_batch_size} per process "
-            f"on {dist.world_size} process(es); lower per_device_batch_size"
-        )
+    sampler, per_epoch = epoch_sampler(len(train), cfg, dist, "training pairs")
     engine = Engine(model, cfg, total_steps=total_optimizer_steps(cfg, per_epoch), name=objective.kind)
     state = engine.load_latest(checkpoint_dir) or {"epoch": 0, "micro_batches_done": 0}
     emit = sink if (sink is not None and engine.is_main) else (lambda metrics, step: None)

@@ -35,10 +35,10 @@ from safe_rlhf_v.data.sources import load_split, to_flat
 from safe_rlhf_v.data.synthetic import corpus
 from safe_rlhf_v.models.tiny import build_tiny_vlm
 from safe_rlhf_v.train.distributed import (
-    DistInfo,
     Engine,
     all_reduce_mean,
     barrier,
+    epoch_sampler,
     get_logger,
     init_distributed,
     model_init_context,
@@ -144,21 +144,6 @@ def evaluate(
     return {"loss": loss, "perplexity": math.exp(loss), "response_tokens": mean_tokens * world}
 
 
-def _sampler(rows: int, cfg: TrainConfig, dist: DistInfo) -> tuple[DistributedSampler, int]:
-    """This rank's shuffled share of the training rows, and the full micro-batches it makes per epoch
-    (identical on every rank: the sampler drops the rows that would make shares unequal)."""
-    sampler = DistributedSampler(
-        range(rows), num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed, drop_last=True
-    )
-    per_epoch = len(sampler) // cfg.per_device_batch_size
-    if per_epoch == 0:
-        raise ValueError(
-            f"{rows} training rows give no full batch of {cfg.per_device_batch_size} per process "
-            f"on {dist.world_size} process(es); lower per_device_batch_size"
-        )
-    return sampler, per_epoch
-
-
 def _reached_max_steps(engine: Engine) -> bool:
     return engine.cfg.max_steps is not None and engine.global_step >= engine.cfg.max_steps
 
@@ -230,7 +215,7 @@ def supervised_finetune(
     processor = AutoProcessor.from_pretrained(model_dir)
     collator = SupervisedCollator(processor, max_length)
     model = _load_policy(model_dir, train_ds_config(cfg, dist.world_size, dist.device.type))
-    sampler, per_epoch = _sampler(len(train), cfg, dist)
+    sampler, per_epoch = epoch_sampler(len(train), cfg, dist, "training rows")
     engine = Engine(model, cfg, total_steps=total_optimizer_steps(cfg, per_epoch), name="sft")
     emit = sink if (sink is not None and engine.is_main) else (lambda metrics, step: None)
     state = engine.load_latest(checkpoint_dir)
