@@ -1,0 +1,510 @@
+"""PPO-Lagrangian step time and memory, split into generation, scoring and training.
+
+Each step is the trainer's own step, single process: a `PPOLagrangianTrainer` with all six roles
+(actor, reference, reward and cost models, reward and cost critics) on DeepSpeed, then
+`trainer.rollout(rows)` and `trainer.train_step(rollout)`, as `PPOLagrangianTrainer.train` calls
+them. The rollout's time is split by wrapping the trainer module's `sample` with a timer:
+
+* generate: `sample(...)`, i.e. the processor (image transforms, chat template) and
+  `actor.generate` with the KV cache;
+* score: the rest of `rollout()`: actor and reference log-probs, both critics' values, the reward
+  and cost models' scores, each one forward pass over prompt + answer;
+* train: `train_step()`: advantages, the lambda update, and per micro-batch one actor and two
+  critic updates (forward, backward, optimizer step);
+* data: fetching the step's prompt rows (PNG decoding), as `train()` does before `rollout()`.
+
+By default every answer is exactly `--max-new-tokens` long: the actor's generation config gets
+`min_new_tokens`, which `generate` merges with the trainer's sampling arguments, so EOS cannot end
+an answer early and every step does the same work. `--natural-length` lets EOS stop answers; the
+mean answer length is printed either way. The first `--warmup` steps are excluded (allocator
+growth, lazy init, first CUDA kernel launches).
+
+Peak memory is the process's peak RSS on CPU (`ru_maxrss`, so building the models and data counts
+too; the peak before the first step is printed beside it), and `torch.cuda.max_memory_allocated`
+over the measured steps on CUDA.
+
+`--reference-shapes` builds the model size of the issue's reference point (LLaVA: CLIP vision 2 x
+128 at 64 px, patch 16; Llama 4 x 512, 8 heads, FFN 1376), with 4 prompts a step, 32 new tokens,
+fp32 and ZeRO-0, and compares the figures with the reference implementation's.
+
+Run: `HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/ppo_step.py --help`.
+"""
+
+from __future__ import annotations
+
+# First: the package sets OMP_WAIT_POLICY=PASSIVE (unless set), which OpenMP only reads when torch loads it.
+import safe_rlhf_v  # noqa: F401
+
+# isort: split
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from unittest import mock
+
+import torch
+from reward_throughput import DEMO_TOKENIZER_ROWS, peak_rss_mib, select_device
+from torch import nn
+from transformers import AutoProcessor
+
+from safe_rlhf_v.config import PPOStageConfig
+from safe_rlhf_v.data.synthetic import corpus, generate_records, to_dataset
+from safe_rlhf_v.models.score import ScoreModel
+from safe_rlhf_v.models.tiny import TinyVLMSpec, build_tiny_vlm
+
+if TYPE_CHECKING:  # the train package imports deepspeed, which must wait for select_device
+    from safe_rlhf_v.train.ppo_lagrangian import PPOLagrangianTrainer, PPOModels
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferencePoint:
+    """The public reference implementation on the issue's shapes, on a 2-core CPU machine."""
+
+    params: int = 13_600_000
+    prompts: int = 4
+    max_new_tokens: int = 32
+    seconds_per_step: float = 2.26
+    samples_per_s: float = 1.8
+    peak_memory_gb: float = 1.5
+    speedup_goal: float = 2.0
+
+
+REFERENCE = ReferencePoint()
+# The issue gives CLIP's depth and width only; 4 heads and a 4x FFN are CLIP's own proportions.
+REFERENCE_SPEC = TinyVLMSpec(
+    image_size=64,
+    patch_size=16,
+    vision_hidden=128,
+    vision_layers=2,
+    vision_heads=4,
+    vision_ffn=512,
+    text_hidden=512,
+    text_layers=4,
+    text_heads=8,
+    text_ffn=1376,
+)
+# The reference count is only known to about 0.1 M and its vocabulary is not given; a built
+# model further off than this has the wrong shapes, not just another tokenizer.
+REFERENCE_PARAMS_TOLERANCE = 0.10
+# What --reference-shapes fixes; a conflicting value of one of these flags is an error.
+REFERENCE_SETTINGS = {
+    "prompts": REFERENCE.prompts,
+    "micro_batch": REFERENCE.prompts,
+    "max_new_tokens": REFERENCE.max_new_tokens,
+    "precision": "fp32",
+    "zero_stage": 0,
+}
+DEFAULTS = {"prompts": 4, "max_new_tokens": 32, "precision": "auto", "zero_stage": 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTimes:
+    """One measured PPO step, in seconds, with its mean answer length and the memory peak so far."""
+
+    data: float
+    generate: float
+    score: float
+    train: float
+    generated_length: float
+    peak_memory_mib: float
+
+    @property
+    def total(self) -> float:
+        return self.data + self.generate + self.score + self.train
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """Everything the benchmark prints, JSON-serialisable."""
+
+    device: str
+    device_name: str
+    torch_threads: int
+    omp_wait_policy: str
+    model: str
+    actor_params: int
+    actor_params_without_vocab: int
+    all_roles_params: int
+    prompts_per_step: int
+    micro_batch: int
+    max_new_tokens: int
+    forced_length: bool
+    zero_stage: int
+    precision: str
+    steps: int
+    warmup: int
+    mean: dict[str, float]
+    best: dict[str, float]
+    worst: dict[str, float]
+    samples_per_s: float
+    best_samples_per_s: float
+    mean_generated_length: float
+    peak_memory_mib: float
+    setup_peak_memory_mib: float | None
+    peak_memory_kind: str
+    per_step: list[dict[str, float]]
+
+
+def _spec_fields() -> list[dataclasses.Field[Any]]:
+    return list(dataclasses.fields(TinyVLMSpec))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Options; every `TinyVLMSpec` size becomes a flag (`--text-hidden`, ...) for the built model."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--reference-shapes",
+        action="store_true",
+        help="the issue's 13.6 M-parameter LLaVA, 4 prompts, 32 new tokens, fp32, ZeRO-0",
+    )
+    parser.add_argument("--steps", type=int, default=10, help="measured steps (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="steps run before measuring (default 2)")
+    parser.add_argument("--prompts", type=int, help=f"prompts per step (default {DEFAULTS['prompts']})")
+    parser.add_argument(
+        "--micro-batch",
+        type=int,
+        help="rows per actor/critic update (default: all prompts, i.e. one actor and two critic updates)",
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, help=f"answer length (default {DEFAULTS['max_new_tokens']})"
+    )
+    parser.add_argument(
+        "--natural-length",
+        action="store_true",
+        help="let EOS end answers before --max-new-tokens (default: force exactly that many)",
+    )
+    parser.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3))
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+    spec = parser.add_argument_group("demo model sizes (TinyVLMSpec; not with --reference-shapes)")
+    for field in _spec_fields():
+        flag = "--" + field.name.replace("_", "-")
+        spec.add_argument(
+            flag, type=int, dest=f"spec_{field.name}", metavar="N", help=f"default {field.default}"
+        )
+    args = parser.parse_args(argv)
+    _resolve_settings(parser, args)
+    return args
+
+
+def _resolve_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill unset options from the defaults or the reference settings, rejecting contradictions."""
+    if args.reference_shapes:
+        overrides = _spec_overrides(args)
+        if overrides:
+            flags = ", ".join("--" + name.replace("_", "-") for name in overrides)
+            parser.error(f"{flags}: --reference-shapes fixes the model size")
+        for name, value in REFERENCE_SETTINGS.items():
+            given = getattr(args, name)
+            if given is not None and given != value:
+                parser.error(f"--reference-shapes runs with --{name.replace('_', '-')} {value}, got {given}")
+            setattr(args, name, value)
+        if args.natural_length:
+            length = REFERENCE.max_new_tokens
+            parser.error(f"--reference-shapes generates exactly {length} tokens; drop --natural-length")
+    for name, value in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.micro_batch is None:
+        args.micro_batch = args.prompts
+    for name in ("steps", "prompts", "micro_batch", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be 0 or more, got {args.warmup}")
+    if args.prompts % args.micro_batch:
+        parser.error(f"--prompts {args.prompts} must be a multiple of --micro-batch {args.micro_batch}")
+
+
+def _spec_overrides(args: argparse.Namespace) -> dict[str, int]:
+    values = {field.name: getattr(args, f"spec_{field.name}") for field in _spec_fields()}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def model_spec(args: argparse.Namespace) -> TinyVLMSpec:
+    return REFERENCE_SPEC if args.reference_shapes else TinyVLMSpec(**_spec_overrides(args))
+
+
+def model_name(args: argparse.Namespace) -> str:
+    if args.reference_shapes:
+        return "reference shapes: " + ", ".join(
+            f"{f.name}={getattr(REFERENCE_SPEC, f.name)}"
+            for f in _spec_fields()
+            if getattr(REFERENCE_SPEC, f.name) != f.default
+        )
+    sizes = ", ".join(f"{name}={value}" for name, value in _spec_overrides(args).items())
+    return f"demo tiny LLaVA, TinyVLMSpec({sizes or 'defaults'})"
+
+
+def build_models(root: Path, records: list[dict[str, Any]], spec: TinyVLMSpec, seed: int) -> PPOModels:
+    """The policy (tokenizer trained on the rows' texts) plus reward and cost models with fresh heads
+    on it, which also start the two critics, as the stage does when no critic model is configured."""
+    from safe_rlhf_v.train.ppo_lagrangian import PPOModels
+
+    actor = build_tiny_vlm(root / "actor", corpus(records), spec=spec, seed=seed)
+    processor = AutoProcessor.from_pretrained(actor)
+    for offset, kind in enumerate(("reward", "cost"), start=1):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + offset)  # the two heads differ, as trained ones would
+            ScoreModel.from_base(actor, kind).save(root / kind, processor=processor)
+    return PPOModels(
+        actor=str(actor),
+        reward=str(root / "reward"),
+        cost=str(root / "cost"),
+        reward_critic=str(root / "reward"),
+        cost_critic=str(root / "cost"),
+    )
+
+
+def stage_config(args: argparse.Namespace) -> PPOStageConfig:
+    """The stage's defaults, with the benchmark's batch geometry, length, ZeRO stage and precision.
+
+    Frozen roles follow the trained ones into ZeRO-3 (partitioned) and stay whole otherwise.
+    """
+    defaults = PPOStageConfig()
+    train = {
+        "per_device_batch_size": args.micro_batch,
+        "zero_stage": args.zero_stage,
+        "precision": args.precision,
+        "max_steps": args.warmup + args.steps,
+        "seed": args.seed,
+    }
+    return defaults.model_copy(
+        update={
+            "actor": defaults.actor.model_copy(update=train),
+            "critic": defaults.critic.model_copy(update=train),
+            "generation": defaults.generation.model_copy(update={"max_new_tokens": args.max_new_tokens}),
+            "prompt_batch_size": args.prompts,
+            "frozen_zero_stage": 3 if args.zero_stage == 3 else 0,
+        }
+    )
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(all, without the token embedding table and the LM head): the second is what the vocabulary
+    size does not change. Full sizes under ZeRO-3, where local tensors are empty partitions."""
+    vocab = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    output = getattr(model, "get_output_embeddings", lambda: None)()
+    if output is not None:
+        vocab.add(id(output.weight))
+    sizes = {id(p): int(getattr(p, "ds_numel", p.numel())) for p in model.parameters()}
+    return sum(sizes.values()), sum(size for key, size in sizes.items() if key not in vocab)
+
+
+def check_reference_params(params: int) -> None:
+    """Stop when --reference-shapes built a model far from the reference's 13.6 M parameters."""
+    off = abs(params - REFERENCE.params) / REFERENCE.params
+    if off > REFERENCE_PARAMS_TOLERANCE:
+        raise SystemExit(
+            f"--reference-shapes built an actor of {params:,} parameters, {off:.0%} off the reference's "
+            f"{REFERENCE.params:,}; REFERENCE_SPEC no longer matches the reference model"
+        )
+
+
+class SampleTimer:
+    """Stands in for `sample` inside the trainer module, adding up the seconds spent in it.
+
+    On CUDA it synchronises around the call so that queued kernels are charged to the right part.
+    """
+
+    def __init__(self, sample: Callable[..., Any], synchronize: Callable[[], None]) -> None:
+        self.sample = sample
+        self.synchronize = synchronize
+        self.seconds = 0.0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.synchronize()
+        start = time.perf_counter()
+        result = self.sample(*args, **kwargs)
+        self.synchronize()
+        self.seconds += time.perf_counter() - start
+        return result
+
+
+def peak_memory_mib(cuda: bool) -> float:
+    return torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mib()
+
+
+def run_steps(trainer: PPOLagrangianTrainer, args: argparse.Namespace) -> tuple[list[StepTimes], float]:
+    """Run `warmup + steps` PPO steps on batches of the trainer's own shuffled prompts.
+
+    Returns the measured steps and the memory peak before the first step.
+    """
+    from safe_rlhf_v.train import ppo_lagrangian
+
+    cuda = trainer.dist.device.type == "cuda"
+    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
+    setup_peak = peak_memory_mib(cuda)
+    trainer.sampler.set_epoch(0)
+    order = list(trainer.sampler)
+    measured: list[StepTimes] = []
+    timer = SampleTimer(ppo_lagrangian.sample, synchronize)
+    with mock.patch.object(ppo_lagrangian, "sample", timer):
+        for step in range(args.warmup + args.steps):
+            if cuda and step == args.warmup:
+                torch.cuda.reset_peak_memory_stats()
+            timer.seconds = 0.0
+            synchronize()
+            t0 = time.perf_counter()
+            rows = [trainer.prompts[i] for i in order[step * args.prompts : (step + 1) * args.prompts]]
+            t1 = time.perf_counter()
+            rollout = trainer.rollout(rows)
+            synchronize()
+            t2 = time.perf_counter()
+            metrics = trainer.train_step(rollout)
+            synchronize()
+            t3 = time.perf_counter()
+            trainer.step += 1  # as train() does: the lambda update's delay counts steps
+            times = StepTimes(
+                data=t1 - t0,
+                generate=timer.seconds,
+                score=t2 - t1 - timer.seconds,
+                train=t3 - t2,
+                generated_length=metrics["generated_length"],
+                peak_memory_mib=peak_memory_mib(cuda),
+            )
+            print(format_step(step, args, times), flush=True)
+            if step >= args.warmup:
+                measured.append(times)
+    return measured, setup_peak
+
+
+def format_step(step: int, args: argparse.Namespace, t: StepTimes) -> str:
+    label = "warmup" if step < args.warmup else "step"
+    return (
+        f"{label} {step + 1:>3}  {t.total:7.3f} s = data {t.data:.3f} + generate {t.generate:.3f} + "
+        f"score {t.score:.3f} + train {t.train:.3f}  |  {args.prompts / t.total:6.2f} samples/s  |  "
+        f"answer {t.generated_length:.1f} tokens  |  peak {t.peak_memory_mib:,.0f} MiB"
+    )
+
+
+PARTS = ("data", "generate", "score", "train", "total")
+
+
+def _by_part(measured: list[StepTimes], reduce: Callable[[list[float]], float]) -> dict[str, float]:
+    return {part: reduce([getattr(t, part) for t in measured]) for part in PARTS}
+
+
+def run(args: argparse.Namespace, root: Path) -> Report:
+    """Build the data, the six roles and the trainer under `root`, then time the steps."""
+    from safe_rlhf_v.train.ppo_lagrangian import PPOLagrangianTrainer
+
+    rows = max(DEMO_TOKENIZER_ROWS, args.prompts * (args.warmup + args.steps))
+    records = generate_records(rows, seed=args.seed, split="train")
+    prompts = to_dataset(records)
+    models = build_models(root / "models", records, model_spec(args), args.seed)
+    trainer = PPOLagrangianTrainer(
+        stage_config(args), models, prompts, variant="safe-rlhf-v", checkpoint_dir=root / "checkpoints"
+    )
+    if trainer.dist.world_size != 1 or trainer.dist.device.type != args.device:
+        raise SystemExit(
+            f"expected one process on {args.device}, got {trainer.dist.world_size} on {trainer.dist.device}: "
+            "run the benchmark as a single plain python process"
+        )
+    actor = trainer.roles.actor.module
+    actor_params, actor_core = count_params(actor)
+    if args.reference_shapes:
+        check_reference_params(actor_params)
+    if not args.natural_length:
+        actor.generation_config.min_new_tokens = args.max_new_tokens
+    roles = trainer.roles
+    engines = (roles.reference, roles.reward_model, roles.cost_model, *roles.trained().values())
+    measured, setup_peak = run_steps(trainer, args)
+    cuda = args.device == "cuda"
+    mean = _by_part(measured, statistics.fmean)
+    best = _by_part(measured, min)
+    return Report(
+        device=args.device,
+        device_name=torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine()),
+        torch_threads=torch.get_num_threads(),
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+        model=model_name(args),
+        actor_params=actor_params,
+        actor_params_without_vocab=actor_core,
+        all_roles_params=sum(count_params(engine.module)[0] for engine in engines),
+        prompts_per_step=args.prompts,
+        micro_batch=args.micro_batch,
+        max_new_tokens=args.max_new_tokens,
+        forced_length=not args.natural_length,
+        zero_stage=args.zero_stage,
+        precision="bf16" if trainer.roles.actor.dtype == torch.bfloat16 else "fp32",
+        steps=len(measured),
+        warmup=args.warmup,
+        mean=mean,
+        best=best,
+        worst=_by_part(measured, max),
+        samples_per_s=args.prompts / mean["total"],
+        best_samples_per_s=args.prompts / best["total"],
+        mean_generated_length=statistics.fmean(t.generated_length for t in measured),
+        peak_memory_mib=peak_memory_mib(cuda),
+        setup_peak_memory_mib=None if cuda else setup_peak,
+        peak_memory_kind="torch.cuda.max_memory_allocated" if cuda else "process peak RSS (ru_maxrss)",
+        per_step=[dataclasses.asdict(t) | {"total": t.total} for t in measured],
+    )
+
+
+def format_report(r: Report, reference: bool) -> str:
+    """The human-readable summary, and with `reference` the comparison with the reference point."""
+    length = "forced" if r.forced_length else "EOS may stop answers early"
+    setup = "" if r.setup_peak_memory_mib is None else f"; {r.setup_peak_memory_mib:,.0f} MiB before step 1"
+
+    def row(name: str) -> str:
+        return (
+            f"  {name:<9} mean {r.mean[name]:7.3f}  best {r.best[name]:7.3f}  worst {r.worst[name]:7.3f}  "
+            f"({r.mean[name] / r.mean['total']:.0%} of the mean step)"
+        )
+
+    lines = [
+        f"device        {r.device} ({r.device_name}), torch threads {r.torch_threads}, "
+        f"OMP_WAIT_POLICY {r.omp_wait_policy}",
+        f"model         {r.model}",
+        f"parameters    actor {r.actor_params:,} ({r.actor_params_without_vocab:,} without token embeddings "
+        f"and LM head); six roles {r.all_roles_params:,}",
+        f"setup         {r.prompts_per_step} prompts/step, micro-batch {r.micro_batch}, "
+        f"{r.max_new_tokens} new tokens ({length}), ZeRO-{r.zero_stage}, {r.precision}, "
+        f"{r.steps} steps measured after {r.warmup} warmup",
+        "seconds/step",
+        *(row(name) for name in PARTS),
+        f"samples/s     {r.samples_per_s:.2f} (mean step), {r.best_samples_per_s:.2f} (best step)",
+        f"answer length {r.mean_generated_length:.1f} tokens on average",
+        f"peak memory   {r.peak_memory_mib:,.0f} MiB ({r.peak_memory_kind}{setup})",
+    ]
+    if reference:
+        goal = REFERENCE.seconds_per_step / REFERENCE.speedup_goal
+        memory_limit_mib = REFERENCE.peak_memory_gb * 1e9 / 2**20
+        fast = r.mean["total"] <= goal
+        small = r.peak_memory_mib <= memory_limit_mib
+        lines += [
+            f"reference     {REFERENCE.seconds_per_step} s/step, {REFERENCE.samples_per_s} samples/s, "
+            f"{REFERENCE.peak_memory_gb} GB ({memory_limit_mib:,.0f} MiB) peak",
+            f"speed-up      {REFERENCE.seconds_per_step / r.mean['total']:.2f}x on the mean step, "
+            f"{REFERENCE.seconds_per_step / r.best['total']:.2f}x on the best",
+            f"goal          <= {goal:.2f} s/step at <= {REFERENCE.peak_memory_gb} GB: "
+            f"time {'met' if fast else 'NOT met'}, memory {'met' if small else 'NOT met'}",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    select_device(args.device)
+    with tempfile.TemporaryDirectory(prefix="ppo-step-") as tmp:
+        report = run(args, Path(tmp))
+    print(format_report(report, args.reference_shapes))
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report), sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
