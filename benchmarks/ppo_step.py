@@ -321,6 +321,7 @@ class SampleTimer:
         self.sample = sample
         self.synchronize = synchronize
         self.seconds = 0.0
+        self.calls = 0
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.synchronize()
@@ -328,6 +329,7 @@ class SampleTimer:
         result = self.sample(*args, **kwargs)
         self.synchronize()
         self.seconds += time.perf_counter() - start
+        self.calls += 1
         return result
 
 
@@ -353,7 +355,7 @@ def run_steps(trainer: PPOLagrangianTrainer, args: argparse.Namespace) -> tuple[
         for step in range(args.warmup + args.steps):
             if cuda and step == args.warmup:
                 torch.cuda.reset_peak_memory_stats()
-            timer.seconds = 0.0
+            timer.seconds, timer.calls = 0.0, 0
             synchronize()
             t0 = time.perf_counter()
             rows = [trainer.prompts[i] for i in order[step * args.prompts : (step + 1) * args.prompts]]
@@ -361,6 +363,11 @@ def run_steps(trainer: PPOLagrangianTrainer, args: argparse.Namespace) -> tuple[
             rollout = trainer.rollout(rows)
             synchronize()
             t2 = time.perf_counter()
+            if timer.calls != 1:
+                raise RuntimeError(
+                    f"rollout() called ppo_lagrangian.sample {timer.calls} times, not once: the "
+                    "trainer no longer samples through that name, so generation cannot be timed"
+                )
             metrics = trainer.train_step(rollout)
             synchronize()
             t3 = time.perf_counter()

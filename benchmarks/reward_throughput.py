@@ -36,6 +36,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+# isort: split
+import safe_rlhf_v  # noqa: F401  (before torch: its OMP_WAIT_POLICY default must precede OpenMP's load)
+
+# isort: split
 import datasets
 import torch
 from torch import nn
