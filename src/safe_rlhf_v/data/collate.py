@@ -6,10 +6,10 @@ A preference batch of B paired rows becomes 2B sequences: rows ``[0, B)`` hold e
 pair by pair in the losses. Both sequences of a pair see the same image.
 
 Text goes through the processor's own chat template and the processor tokenizes it and expands
-the image placeholders, so nothing here knows a model family's token ids, image-token count or
+the image tokens, so nothing here knows a model family's token ids, image-token count or
 template. Truncation happens *after* the processor: the processor cannot be told which tokens may
 go, and a plain ``truncation=True`` would cut image tokens (the model then fails on a mismatch
-between image features and placeholders) or cut the whole answer away. Instead each sequence keeps
+between image features and image tokens) or cut the whole answer away. Instead each sequence keeps
 its full prompt and loses only the tail of its response; a prompt too long to leave room for a
 meaningful response is an error rather than a silently useless training pair. Every collator goes
 through :func:`encode_conversations`, so they all tokenize and truncate identically.
@@ -292,7 +292,7 @@ class SupervisedCollator:
 
     ``labels`` equal ``input_ids`` on the response tokens (the template's final eos included: the
     policy must learn to stop) and are ``IGNORE_INDEX`` on the prompt (the model is not taught to
-    write questions or image placeholders) and on padding. Hugging Face causal LMs shift labels
+    write questions or image tokens) and on padding. Hugging Face causal LMs shift labels
     themselves, so ``labels[t]`` is the target of the logits at ``t - 1``.
     """
 

@@ -39,7 +39,7 @@ from transformers import AutoModel, PreTrainedModel, ProcessorMixin
 
 from safe_rlhf_v.data.schema import CATEGORIES, HARMLESS_RATE_RANGE, SEVERITIES, Severity, severity_from_rate
 from safe_rlhf_v.models.score import CONFIG_FILE as SCORE_CONFIG_FILE
-from safe_rlhf_v.models.score import ScoreModel, backbone_state, last_token_index
+from safe_rlhf_v.models.score import ScoreModel, backbone_hidden, backbone_state, last_token_index
 
 KIND: Final = "guard"
 HEADS_FILE: Final = "guard_heads.safetensors"
@@ -285,10 +285,7 @@ class GuardModel(torch.nn.Module):
     ) -> GuardOutput:
         """Logits of every head; ``model_inputs`` carries extra processor outputs (``image_grid_thw``,
         ``image_sizes``, ...) to the backbone."""
-        model_inputs.setdefault("use_cache", False)  # no generation here: a KV cache only costs memory
-        hidden = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, **model_inputs
-        ).last_hidden_state
+        hidden = backbone_hidden(self.backbone, input_ids, attention_mask, pixel_values, **model_inputs)
         end_index = last_token_index(attention_mask)
         end_hidden = hidden[torch.arange(hidden.size(0), device=hidden.device), end_index]
         return GuardOutput(

@@ -85,6 +85,21 @@ def _find_submodule(backbone: torch.nn.Module, names: tuple[str, ...]) -> torch.
     return None
 
 
+def backbone_hidden(
+    backbone: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pixel_values: torch.Tensor | None = None,
+    **model_inputs: Any,
+) -> torch.Tensor:
+    """The backbone's last hidden states (B, L, H) for models with heads (score model, guard);
+    extra processor outputs (``image_grid_thw``, ``image_sizes``, ...) pass through."""
+    model_inputs.setdefault("use_cache", False)  # no generation here: a KV cache only costs memory
+    return backbone(
+        input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, **model_inputs
+    ).last_hidden_state
+
+
 def backbone_state(state_dict: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
     """The `backbone.*` weights of a model-with-heads state dict, keyed as the backbone names them
     (None passes through: save the live backbone). Shared by the score model and the guard."""
@@ -268,11 +283,8 @@ class ScoreModel(torch.nn.Module):
     ) -> ScoreOutput:
         """Score every token; ``model_inputs`` carries extra processor outputs (``image_grid_thw``,
         ``image_sizes``, ...) to the backbone."""
-        model_inputs.setdefault("use_cache", False)  # no generation here: a KV cache only costs memory
-        outputs = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, **model_inputs
-        )
-        scores = self.score_head(outputs.last_hidden_state).squeeze(-1)
+        hidden = backbone_hidden(self.backbone, input_ids, attention_mask, pixel_values, **model_inputs)
+        scores = self.score_head(hidden).squeeze(-1)
         end_index = last_token_index(attention_mask)
         end_scores = scores.gather(1, end_index.unsqueeze(1)).squeeze(1)
         return ScoreOutput(scores=scores, end_scores=end_scores, end_index=end_index)

@@ -147,7 +147,7 @@ class TinyVLMSpec:
 
     @property
     def num_image_tokens(self) -> int:
-        """Image placeholder tokens per image: one per patch (the CLS position is dropped)."""
+        """Image tokens per image: one per patch (the CLS position is dropped)."""
         return (self.image_size // self.patch_size) ** 2
 
 

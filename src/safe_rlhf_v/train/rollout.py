@@ -61,7 +61,7 @@ def response_mask(generated: torch.Tensor, eos_token_id: int) -> torch.Tensor:
 
 
 def suppressed_tokens(tokenizer: Any) -> list[int]:
-    """Special tokens an answer must never contain: all but EOS. A sampled image placeholder, say,
+    """Special tokens an answer must never contain: all but EOS. A sampled image token, say,
     would make the model expect image features that do not exist."""
     return sorted(set(tokenizer.all_special_ids) - {tokenizer.eos_token_id})
 
