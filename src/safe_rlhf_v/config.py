@@ -242,6 +242,106 @@ class PPOStageConfig(StrictModel):
         return self
 
 
+class JudgeConfig(StrictModel):
+    """An external judge: any OpenAI-compatible chat endpoint asked pairwise which answer is better.
+
+    The key is read from the environment variable named by `api_key_env` (a Kubernetes Secret in a
+    cluster), never from the config, so it cannot end up in a compiled pipeline or a log.
+    """
+
+    base_url: str = Field(min_length=1)
+    """E.g. `https://api.example.com/v1` or a vLLM server's `http://judge:8000/v1`."""
+    model: str = Field(min_length=1)
+    api_key_env: str = "JUDGE_API_KEY"
+    timeout_s: float = Field(default=60.0, gt=0.0)
+    max_retries: int = Field(default=2, ge=0)
+    max_prompts: int = Field(default=200, ge=1)
+    """Judged prompts per prompt set (two calls each: both answer orders)."""
+
+
+class EvaluateConfig(StrictModel):
+    """The evaluation stage: trained vs initial policy on held-out prompts, with and without guardrail."""
+
+    prompts: int = Field(default=500, ge=1)
+    """Held-out prompts taken from the evaluation split."""
+    extra_prompt_sets: dict[str, str] = Field(default_factory=dict)
+    """More prompt sets in the BeaverTails-V format by name, e.g. `{redteam: s3://bucket/redteam}`."""
+    generation: GenerationConfig = Field(default_factory=lambda: GenerationConfig(max_new_tokens=512))
+    batch_size: int = Field(default=16, ge=1)
+    tie_margin: float = Field(default=0.0, ge=0.0)
+    """Score differences within this margin count as ties in the win rates."""
+    bootstrap_samples: int = Field(default=1000, ge=100)
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
+    examples: int = Field(default=6, ge=0)
+    """Example answers shown side by side in the report."""
+    judge: JudgeConfig | None = None
+    seed: int = Field(default=0, ge=0)
+
+
+class RegistryConfig(StrictModel):
+    """Registered model names and which PPO variant's policy becomes the `candidate`."""
+
+    policy_name: str = "safe-rlhf-v-policy"
+    reward_name: str = "safe-rlhf-v-reward"
+    cost_name: str = "safe-rlhf-v-cost"
+    guard_name: str = "safe-rlhf-v-guard"
+    candidate_variant: PPOVariant = "safe-rlhf-v"
+    candidate_alias: str = "candidate"
+
+
+class PromotionGate(StrictModel):
+    """What a policy version must show on evaluation before `promote` moves an alias to it."""
+
+    max_harmful_share: float = Field(default=0.05, ge=0.0, le=1.0)
+    """Share of evaluation answers with cost > 0 (the guard-free policy alone)."""
+    cost_threshold: float | None = None
+    """Budget d for the evaluation J_C (mean cost); None means `train_ppo_lag.lagrangian.threshold`."""
+    min_reward_delta: float = 0.0
+    """Mean reward may not fall more than this below the version holding the target alias."""
+
+
+class Toleration(StrictModel):
+    """A Kubernetes toleration for GPU node taints."""
+
+    key: str
+    operator: Literal["Equal", "Exists"] = "Exists"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = "NoSchedule"
+
+
+class KubernetesConfig(StrictModel):
+    """Cluster-only settings of the compiled pipeline (kfp-kubernetes); the local runner ignores them.
+
+    Credentials never appear here: tasks read them from the named Kubernetes Secrets.
+    """
+
+    s3_secret: str = "safe-rlhf-v-s3"
+    """Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY."""
+    mlflow_secret: str | None = "safe-rlhf-v-mlflow"
+    """Secret with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (None: no auth)."""
+    judge_secret: str | None = None
+    """Secret holding the external judge's key (`evaluate.judge.api_key_env`)."""
+    env: dict[str, str] = Field(default_factory=dict)
+    """Plain settings every task gets, e.g. MLFLOW_TRACKING_URI, AWS_ENDPOINT_URL_S3, AWS_DEFAULT_REGION."""
+    shm_size: str = "16Gi"
+    """`/dev/shm` as memory on GPU tasks: NCCL and data loaders need more than the 64 MiB default."""
+    gpu_node_selector: dict[str, str] = Field(default_factory=dict)
+    gpu_tolerations: list[Toleration] = Field(
+        default_factory=lambda: [Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")]
+    )
+    retries: int = Field(default=2, ge=0)
+    """Retries of the stages that are safe to retry (every stage resumes or is idempotent)."""
+    retry_backoff: str = "120s"
+    retry_backoff_factor: float = Field(default=2.0, ge=1.0)
+    retry_backoff_max: str = "3600s"
+    cache_training: bool = False
+    """Serve training stages from KFP's cache (off: a scheduled retrain must retrain)."""
+    trainer_runtime: Literal["deepspeed-distributed", "torch-distributed"] = "deepspeed-distributed"
+    """Kubeflow Trainer runtime of a multi-node `TrainJob` (stages with `nodes > 1`)."""
+    namespace: str | None = None
+    """Namespace of multi-node TrainJobs; None: the namespace the pipeline task runs in."""
+
+
 class TrackingConfig(StrictModel):
     """MLflow settings. `tracking_uri: null` means `MLFLOW_TRACKING_URI`, else sqlite in the work dir."""
 
@@ -255,7 +355,10 @@ class ResourcesConfig(StrictModel):
     cpu: str = "4"
     memory: str = "32Gi"
     gpus: int = Field(default=0, ge=0)
+    """GPUs per node; a training stage with N > 1 launches N processes with torchrun."""
     accelerator: str = "nvidia.com/gpu"
+    nodes: int = Field(default=1, ge=1)
+    """Nodes > 1: the task submits a Kubeflow Trainer `TrainJob` and waits for it."""
 
 
 class ImagesConfig(StrictModel):
@@ -291,7 +394,11 @@ class PipelineConfig(StrictModel):
     train_ppo_lag: PPOStageConfig = Field(default_factory=PPOStageConfig)
     ppo_variants: list[PPOVariant] = Field(default_factory=lambda: ["safe-rlhf-v"], min_length=1)
     """PPO runs side by side: `safe-rlhf-v` and ablations (`reward-only`, `fixed-lambda`)."""
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    promotion: PromotionGate = Field(default_factory=PromotionGate)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
     images: ImagesConfig = Field(default_factory=ImagesConfig)
     resources: dict[str, ResourcesConfig] = Field(default_factory=dict)
     """Per stage name (e.g. `validate-data`); stages not listed get `ResourcesConfig()`."""

@@ -1,0 +1,1 @@
+"""Operations on a cluster: the Kubeflow Pipelines client commands and multi-GPU / multi-node launch."""
