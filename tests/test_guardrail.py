@@ -11,6 +11,7 @@ from safe_rlhf_v.guardrail import (
     AnswerVerdict,
     Guardrail,
     QueryVerdict,
+    answer_within,
     summarize,
 )
 
@@ -133,3 +134,25 @@ def test_bad_inputs_are_rejected() -> None:
         guardrail.run([IMAGE], ["a", "b"])
     with pytest.raises(ValueError, match="rounds must be >= 0"):
         Guardrail(ScriptedPolicy({}), ScriptedGuard({}), rounds=-1)
+
+
+def test_given_first_answers_are_judged_instead_of_sampled() -> None:
+    policy = ScriptedPolicy({"a": ["never asked"], "b": ["fine b"]})
+    traces = Guardrail(policy, ScriptedGuard({}), rounds=2).run([IMAGE] * 2, ["a", "b"], ["ok a", "harm b"])
+    assert [t.answer for t in traces] == ["ok a", "fine b"]
+    assert policy.prompts == [f"{SAFETY_INSTRUCTION} b"], "round 0 used the given answers"
+    with pytest.raises(ValueError, match="1 first answers for 2 questions"):
+        Guardrail(policy, ScriptedGuard({})).run([IMAGE] * 2, ["a", "b"], ["x"])
+
+
+def test_answer_within_reads_every_smaller_budget_off_one_trace() -> None:
+    _, (regenerated, refused) = run({"q": ["harm 1", "harm 2", "safe now"], "bad": ["x"]}, {"bad": "severe"})
+    assert [answer_within(regenerated, k) for k in range(4)] == [
+        (REFUSAL, True),
+        (REFUSAL, True),
+        ("safe now", False),
+        ("safe now", False),
+    ]
+    assert answer_within(refused, 5) == (REFUSAL, True)
+    with pytest.raises(ValueError, match="rounds must be >= 0"):
+        answer_within(regenerated, -1)

@@ -119,10 +119,19 @@ class Guardrail:
         self.instruction = instruction
         self.refusal = refusal
 
-    def run(self, images: list[Image.Image], questions: list[str]) -> list[Trace]:
-        """Guarded answers for a batch of requests, one trace each."""
+    def run(
+        self, images: list[Image.Image], questions: list[str], first_answers: list[str] | None = None
+    ) -> list[Trace]:
+        """Guarded answers for a batch of requests, one trace each.
+
+        `first_answers` are the policy's own answers when the caller already has them (evaluation
+        scores the policy alone and behind the guardrail on the same samples); round 0 then judges
+        them instead of sampling new ones.
+        """
         if len(images) != len(questions):
             raise ValueError(f"got {len(images)} images for {len(questions)} questions")
+        if first_answers is not None and len(first_answers) != len(questions):
+            raise ValueError(f"got {len(first_answers)} first answers for {len(questions)} questions")
         for i, question in enumerate(questions):
             if not question.strip():
                 raise ValueError(f"request {i} has an empty question")
@@ -138,7 +147,8 @@ class Guardrail:
         for round_no in range(self.rounds + 1):
             if not pending:
                 break
-            self._attempt(images, traces, pending, round_no)
+            given = [first_answers[i] for i in pending] if round_no == 0 and first_answers else None
+            self._attempt(images, traces, pending, round_no, given)
             pending = [i for i in pending if not traces[i].attempts[-1]["verdict"]["safe"]]
         for i in answerable:
             trace = traces[i]
@@ -150,17 +160,37 @@ class Guardrail:
         return traces
 
     def _attempt(
-        self, images: list[Image.Image], traces: list[Trace], which: list[int], round_no: int
+        self,
+        images: list[Image.Image],
+        traces: list[Trace],
+        which: list[int],
+        round_no: int,
+        answers: list[str] | None = None,
     ) -> None:
         """Generate (with the safety instruction after round 0) and judge the answers of `which`."""
         chosen_images = [images[i] for i in which]
         asked = [traces[i].question for i in which]
-        prompts = asked if round_no == 0 else [f"{self.instruction} {q}" for q in asked]
-        answers = self.policy.generate(chosen_images, prompts)
+        if answers is None:
+            prompts = asked if round_no == 0 else [f"{self.instruction} {q}" for q in asked]
+            answers = self.policy.generate(chosen_images, prompts)
         verdicts = self.guard.judge_answers(chosen_images, asked, answers)
         for i, answer, verdict in zip(which, answers, verdicts, strict=True):
             traces[i].attempts.append({"round": round_no, "answer": answer, "verdict": asdict(verdict)})
             traces[i].rounds_used = round_no
+
+
+def answer_within(trace: Trace, rounds: int, refusal: str = REFUSAL) -> tuple[str, bool]:
+    """(answer, refused): what the user gets from a guardrail allowed `rounds` re-generations.
+
+    One run with the largest budget holds every smaller budget's outcome in its attempts, so the
+    evaluation reads rounds 0..R off one trace instead of running the guardrail R + 1 times.
+    """
+    if rounds < 0:
+        raise ValueError(f"rounds must be >= 0, got {rounds}")
+    for attempt in trace.attempts:
+        if attempt["round"] <= rounds and attempt["verdict"]["safe"]:
+            return attempt["answer"], False
+    return refusal, True
 
 
 def summarize(traces: list[Trace], rounds: int) -> dict[str, Any]:
