@@ -1,0 +1,663 @@
+"""The MLflow Model Registry side of the pipeline: register a run's models, promote through aliases.
+
+A pipeline run produces four models (policy, reward, cost, guard). `register_run_models` records each
+as a version of its registered model whose `source` is the artifact's own location (an `s3://` URI in a
+cluster, an absolute folder locally) and whose `run_id` is the training stage's MLflow run, so the UI
+links a version to the run that made it. Tags carry the lineage a reviewer needs without opening
+anything else: the pipeline run, the data digests, the base model and model digests, the upstream
+model versions the policy was trained and evaluated with, and the headline evaluation figures.
+
+Promotion moves the `staging` or `production` alias to a policy version only after a gate on those
+figures (cost budget, harmful share, reward not below the current holder); `force` overrides the gate
+with a recorded reason. Every promotion leaves a numbered record of tags on the version: who, when,
+which alias, the gate figures and whether each check passed.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import math
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import requests
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from safe_rlhf_v import storage, tracking
+from safe_rlhf_v.config import PipelineConfig
+from safe_rlhf_v.stages.common import RESULT_FILE, StageResult
+from safe_rlhf_v.stages.lineage import LINEAGE_FILE, SPLITS, model_digest, read_lineage
+
+Role = Literal["policy", "reward", "cost", "guard"]
+ROLES: tuple[Role, ...] = ("reward", "cost", "guard", "policy")
+"""Registration order: upstream models first, so the policy's tags can name their versions."""
+TRAINED_BY: dict[Role, str] = {
+    "policy": "train-ppo-lag",
+    "reward": "train-reward",
+    "cost": "train-cost",
+    "guard": "train-guard",
+}
+MAIN_VARIANT = "safe-rlhf-v"
+PROMOTION_TARGETS = ("staging", "production")
+
+REWARD_KEY = "evaluation/trained/reward"
+COST_KEY = "evaluation/trained/cost"
+HARMFUL_SHARE_KEY = "evaluation/trained/harmful_share"
+HEADLINE_METRICS = (
+    REWARD_KEY,
+    COST_KEY,
+    HARMFUL_SHARE_KEY,
+    "evaluation/initial/reward",
+    "evaluation/initial/cost",
+    "evaluation/initial/harmful_share",
+    "evaluation/win_rate/helpfulness",
+    "evaluation/win_rate/harmlessness",
+)
+"""The evaluate stage's figures every policy version carries as tags (under the same names)."""
+
+PIPELINE_RUN_TAG = "pipeline_run_id"
+MODEL_SHA_TAG = "model_sha256"
+_REQUIRED_LINEAGE = ("kind", "pipeline_run_id", "base_model_sha256", "mlflow_run_id")
+_POLICY_LINEAGE = ("variant", "reward_model_sha256", "cost_model_sha256")
+_RECORD_RE = re.compile(r"^promotion\.(\d+)\.")
+
+
+class RegistryError(ValueError):
+    """What was asked of the registry cannot be done; the message names the model, version or file."""
+
+
+class PromotionRefused(RegistryError):
+    """The promotion gate failed; `checks` holds every check with its figures."""
+
+    def __init__(self, model: str, version: str, alias: str, checks: list[GateCheck]) -> None:
+        failed = [check for check in checks if not check.passed]
+        lines = [f"promotion of {model} version {version} to {alias!r} refused:"]
+        lines += [f"  - {check.name}: {check.detail}" for check in failed]
+        lines.append("pass --force with --reason TEXT to promote anyway (the reason is recorded)")
+        super().__init__("\n".join(lines))
+        self.checks = checks
+
+
+@dataclass(frozen=True)
+class ModelVersionRef:
+    """One registered version: where it points and whether this call created it."""
+
+    name: str
+    version: str
+    source: str
+    created: bool
+    model_sha256: str
+
+    @property
+    def uri(self) -> str:
+        """The MLflow model URI (`models:/name/version`) other tools load the version by."""
+        return f"models:/{self.name}/{self.version}"
+
+
+@dataclass(frozen=True)
+class GateLimits:
+    """The promotion gate's limits, resolved from the config."""
+
+    cost_threshold: float
+    max_harmful_share: float
+    min_reward_delta: float
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    """One gate check: the figure, the limit it was held to, the outcome and a readable line."""
+
+    name: str
+    figure: float | None
+    limit: float | None
+    passed: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class PromotionResult:
+    """What a promotion did: the alias moved to `version`, away from `previous_version`."""
+
+    model: str
+    version: str
+    alias: str
+    previous_version: str | None
+    checks: list[GateCheck]
+    forced: bool
+    reason: str | None
+    user: str
+    time: str
+    record: int
+    """The number of this promotion's record in the version's `promotion.<n>.*` tags."""
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """A row of `safe-rlhf-v models`."""
+
+    name: str
+    version: str
+    aliases: tuple[str, ...]
+    source: str
+    pipeline_run_id: str | None
+    created: str
+    figures: dict[str, float]
+
+
+# ----------------------------------------------------------------------------- tracking access
+
+
+def client_for(cfg: PipelineConfig) -> tuple[MlflowClient, str]:
+    """A client on the store the stages track to (same resolution as `tracking.configure`) and its URI.
+
+    No experiment is created or selected: promotion and listing only touch the registry.
+    """
+    uri = tracking.resolve_tracking_uri(cfg.tracking, cfg.work_dir)
+    return MlflowClient(uri), uri
+
+
+def _network_failure(error: BaseException) -> BaseException | None:
+    """The connection error or timeout somewhere in an exception's chain, if any."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+@contextmanager
+def tracking_errors(uri: str) -> Iterator[None]:
+    """Turn "tracking server unreachable" into one RegistryError naming the server.
+
+    MLflow reports a refused connection as a generic `MlflowException` after its retries
+    (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`); the underlying requests error is in the exception chain.
+    """
+    try:
+        yield
+    except MlflowException as error:
+        if _network_failure(error) is None:
+            raise
+        raise RegistryError(
+            f"MLflow tracking server {uri} is unreachable: check MLFLOW_TRACKING_URI or "
+            f"tracking.tracking_uri and that the server runs ({error.message.splitlines()[0][:300]})"
+        ) from None
+
+
+def _not_found(error: MlflowException) -> bool:
+    return error.error_code == "RESOURCE_DOES_NOT_EXIST"
+
+
+def _literal(value: str) -> str:
+    """A quoted string for an MLflow search filter, which has no escape for a quote inside."""
+    if "'" in value:
+        raise RegistryError(f"{value!r} contains a single quote, which MLflow search filters cannot express")
+    return f"'{value}'"
+
+
+def _versions_of(client: MlflowClient, name: str) -> list[ModelVersion]:
+    found = client.search_model_versions(f"name = {_literal(name)}")
+    return sorted(found, key=lambda version: int(version.version))
+
+
+def _registered_model_aliases(client: MlflowClient, name: str, uri: str) -> dict[str, str]:
+    """Alias -> version of a registered model; a RegistryError listing the known models if unknown."""
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as error:
+        if not _not_found(error):
+            raise
+        known = sorted(found.name for found in client.search_registered_models())
+        raise RegistryError(
+            f"no registered model named {name!r} in {uri}; registered models: {', '.join(known) or 'none'}"
+        ) from None
+    return {alias: str(version) for alias, version in model.aliases.items()}
+
+
+def _model_version(client: MlflowClient, name: str, version: str) -> ModelVersion:
+    try:
+        return client.get_model_version(name, version)
+    except MlflowException as error:
+        if error.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        known = [found.version for found in _versions_of(client, name)]
+        raise RegistryError(
+            f"registered model {name!r} has no version {version!r}; "
+            f"its versions: {', '.join(str(v) for v in known) or 'none'}"
+        ) from None
+
+
+# ------------------------------------------------------------------------------- registration
+
+
+def source_uri(uri: str) -> str:
+    """The `source` a version records: an S3 URI as given, a local folder as an absolute path.
+
+    A relative path means nothing to anyone reading the registry from elsewhere, and other schemes
+    are refused so the source is always one of the two forms the pipeline's storage layer reads.
+    """
+    if storage.is_s3(uri):
+        storage.split_s3(uri)  # refuses a URI without a bucket name
+        return uri.rstrip("/")
+    if "://" in uri:
+        raise RegistryError(f"model location {uri!r} is neither a local folder nor an s3:// URI")
+    return str(Path(uri).resolve())
+
+
+def read_model_lineage(role: Role, uri: str) -> dict[str, Any]:
+    """The `lineage.json` of a model folder, checked to be a complete record of the right stage."""
+    if not storage.exists(uri):
+        raise RegistryError(f"no {role} model folder at {uri}")
+    where = f"{uri.rstrip('/')}/{LINEAGE_FILE}"
+    lineage = read_lineage(uri)
+    if not lineage:
+        raise RegistryError(f"{where} is missing: {uri} is not a {TRAINED_BY[role]} output")
+    required = _REQUIRED_LINEAGE + (_POLICY_LINEAGE if role == "policy" else ())
+    missing = [key for key in required if not lineage.get(key)]
+    digests = lineage.get("data_sha256")
+    missing += [
+        f"data_sha256.{split}" for split in SPLITS if not isinstance(digests, dict) or not digests.get(split)
+    ]
+    if missing:
+        raise RegistryError(f"{where} lacks {', '.join(missing)}")
+    if lineage["kind"] != role:
+        raise RegistryError(
+            f"{where} describes a {lineage['kind']!r} model, not a {role!r} model: "
+            f"pass the {TRAINED_BY[role]} output as the {role} model"
+        )
+    if role == "policy" and lineage["variant"] != MAIN_VARIANT:
+        raise RegistryError(
+            f"{where}: the policy is the {lineage['variant']!r} ablation; only the {MAIN_VARIANT!r} policy "
+            "is registered"
+        )
+    return lineage
+
+
+def read_evaluation(uri: str) -> StageResult:
+    """The evaluate stage's result, checked to have succeeded and to hold every headline figure."""
+    path = f"{uri.rstrip('/')}/{RESULT_FILE}"
+    if not storage.exists(path):
+        raise RegistryError(f"{path} is missing: {uri} is not an evaluate output")
+    try:
+        result = StageResult.from_json(storage.read_text(path))
+    except (json.JSONDecodeError, TypeError) as error:
+        raise RegistryError(f"{path} is not a stage result: {error}") from None
+    if result.status != "succeeded":
+        raise RegistryError(f"{path}: the evaluation {result.status}; only a succeeded one can be registered")
+    missing = [key for key in HEADLINE_METRICS if key not in result.metrics]
+    if missing:
+        raise RegistryError(f"{path} lacks the metrics {', '.join(missing)}")
+    for key in HEADLINE_METRICS:
+        value = result.metrics[key]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise RegistryError(f"{path}: metric {key} is {value!r}, not a number")
+    return result
+
+
+def _check_upstream(policy: Mapping[str, Any], role: Role, digest: str, uri: str) -> None:
+    """The policy's lineage names the digest of the reward/cost model it was trained against; the
+    folder being registered as its upstream must be that very model, or the tags would lie."""
+    recorded = policy[f"{role}_model_sha256"]
+    if recorded != digest:
+        raise RegistryError(
+            f"the policy was trained against a {role} model with sha256 {recorded}, but {uri} has sha256 "
+            f"{digest}: pass the {role} model the policy was trained with"
+        )
+
+
+def _lineage_tags(lineage: Mapping[str, Any], pipeline_run_id: str, digest: str) -> dict[str, str]:
+    tags = {
+        PIPELINE_RUN_TAG: pipeline_run_id,
+        "trained_in_pipeline_run_id": str(lineage["pipeline_run_id"]),
+        "stage": str(lineage.get("stage", "")),
+        "data_uri": str(lineage.get("data_uri", "")),
+        "base_model": str(lineage.get("base_model", "")),
+        "base_model_sha256": str(lineage["base_model_sha256"]),
+        MODEL_SHA_TAG: digest,
+    }
+    tags |= {f"data_sha256.{split}": str(lineage["data_sha256"][split]) for split in SPLITS}
+    return {key: value for key, value in tags.items() if value}
+
+
+def _policy_tags(
+    upstream: Mapping[str, ModelVersionRef], evaluation: StageResult, evaluation_uri: str
+) -> dict[str, str]:
+    tags = {f"{role}_model_version": ref.uri for role, ref in upstream.items()}
+    tags |= {key: repr(float(evaluation.metrics[key])) for key in HEADLINE_METRICS}
+    tags |= {"variant": MAIN_VARIANT, "evaluation_uri": source_uri(evaluation_uri)}
+    if evaluation.mlflow_run_id:
+        tags["evaluation_run_id"] = evaluation.mlflow_run_id
+    return tags
+
+
+def _existing_version(
+    client: MlflowClient, name: str, pipeline_run_id: str, source: str
+) -> ModelVersion | None:
+    """The version an earlier registration of the same pipeline run made from the same source."""
+    found = client.search_model_versions(
+        f"name = {_literal(name)} and tags.{PIPELINE_RUN_TAG} = {_literal(pipeline_run_id)}"
+    )
+    matches = sorted((v for v in found if v.source == source), key=lambda v: int(v.version))
+    return matches[0] if matches else None
+
+
+def _ensure_registered_model(client: MlflowClient, name: str, role: Role) -> None:
+    try:
+        client.get_registered_model(name)
+    except MlflowException as error:
+        if not _not_found(error):
+            raise
+        try:
+            client.create_registered_model(name, description=f"Safe RLHF-V {role} model ({TRAINED_BY[role]})")
+        except MlflowException as race:
+            # Another registration created it in between: that is the state we wanted.
+            if race.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+
+
+def _check_run_exists(client: MlflowClient, run_id: str, role: Role, uri: str) -> None:
+    """A version's run link must resolve in this store, or the UI would link to nothing."""
+    try:
+        client.get_run(run_id)
+    except MlflowException as error:
+        if not _not_found(error):
+            raise
+        raise RegistryError(
+            f"the lineage of the {role} model at {uri} names MLflow run {run_id}, which "
+            f"{client.tracking_uri} does not hold: register against the tracking store the pipeline logged to"
+        ) from None
+
+
+def _register_one(
+    client: MlflowClient, role: Role, name: str, uri: str, lineage: Mapping[str, Any], tags: dict[str, str]
+) -> ModelVersionRef:
+    """Reuse this pipeline run's version of `uri`, or create it; a reused one must hash the same."""
+    source = source_uri(uri)
+    digest = tags[MODEL_SHA_TAG]
+    existing = _existing_version(client, name, tags[PIPELINE_RUN_TAG], source)
+    if existing is not None:
+        recorded = existing.tags.get(MODEL_SHA_TAG)
+        if recorded != digest:
+            raise RegistryError(
+                f"{name} version {existing.version} was registered from {source} with sha256 {recorded}, but "
+                f"the folder now has sha256 {digest}: the artifact changed after it was registered"
+            )
+        return ModelVersionRef(name, str(existing.version), source, False, digest)
+    _check_run_exists(client, lineage["mlflow_run_id"], role, uri)
+    _ensure_registered_model(client, name, role)
+    version = client.create_model_version(
+        name,
+        source=source,
+        run_id=lineage["mlflow_run_id"],
+        tags=tags,
+        description=f"{role} model from {TRAINED_BY[role]} in pipeline run {lineage['pipeline_run_id']}",
+    )
+    return ModelVersionRef(name, str(version.version), source, True, digest)
+
+
+def register_run_models(
+    cfg: PipelineConfig,
+    *,
+    policy_uri: str,
+    reward_uri: str,
+    cost_uri: str,
+    guard_uri: str,
+    evaluation_uri: str,
+    pipeline_run_id: str,
+) -> dict[str, ModelVersionRef]:
+    """Register the run's four models and point the `candidate` alias at the policy version.
+
+    Everything is read and checked before anything is written: every lineage record, the
+    evaluation's figures, the digests of all four folders, and that the reward and cost folders are
+    the ones the policy was trained against.
+
+    Idempotent per pipeline run: a model whose source already has a version tagged with this
+    `pipeline_run_id` gets that version back instead of a new one, provided its recorded
+    `model_sha256` still matches the folder. This makes a KFP retry of a half-finished registration
+    safe: the retry reuses what the first attempt created and fills in the rest, and the alias is
+    set again to the same version. Races remain on a cluster because MLflow has no conditional
+    create: two attempts of the same registration running at the same time (a retry started while
+    a pod presumed dead still runs) can both miss the search and each create a version; and two
+    pipeline runs finishing together both move `candidate`, the last one winning.
+    """
+    uris: dict[Role, str] = {"policy": policy_uri, "reward": reward_uri, "cost": cost_uri, "guard": guard_uri}
+    lineages = {role: read_model_lineage(role, uri) for role, uri in uris.items()}
+    evaluation = read_evaluation(evaluation_uri)
+    digests = {role: model_digest(uri) for role, uri in uris.items()}
+    for role in ("reward", "cost"):
+        _check_upstream(lineages["policy"], role, digests[role], uris[role])
+    client, tracking_uri = client_for(cfg)
+    refs: dict[str, ModelVersionRef] = {}
+    with tracking_errors(tracking_uri):
+        for role in ROLES:
+            tags = _lineage_tags(lineages[role], pipeline_run_id, digests[role])
+            if role == "policy":
+                upstream = {name: refs[name] for name in ("reward", "cost", "guard")}
+                tags |= _policy_tags(upstream, evaluation, evaluation_uri)
+            name = getattr(cfg.registry, f"{role}_name")
+            refs[role] = _register_one(client, role, name, uris[role], lineages[role], tags)
+        policy = refs["policy"]
+        client.set_registered_model_alias(policy.name, cfg.registry.candidate_alias, policy.version)
+    return refs
+
+
+# ---------------------------------------------------------------------------------- promotion
+
+
+def gate_limits(cfg: PipelineConfig) -> GateLimits:
+    """The gate's limits; the cost budget defaults to the one PPO-Lagrangian trained against."""
+    gate = cfg.promotion
+    threshold = gate.cost_threshold
+    if threshold is None:
+        threshold = cfg.train_ppo_lag.lagrangian.threshold
+    return GateLimits(threshold, gate.max_harmful_share, gate.min_reward_delta)
+
+
+def _figure(tags: Mapping[str, str], key: str) -> float | None:
+    """A figure from a version's tags; None when missing, unreadable or not finite."""
+    try:
+        value = float(tags[key])
+    except (KeyError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _at_most(name: str, label: str, figure: float | None, limit: float, key: str) -> GateCheck:
+    if figure is None:
+        return GateCheck(name, None, limit, False, f"{label} unknown: the version has no {key} tag")
+    passed = figure <= limit
+    relation = "<=" if passed else ">"
+    return GateCheck(name, figure, limit, passed, f"{label} {figure:.4g} {relation} limit {limit:.4g}")
+
+
+def _reward_check(
+    figures: Mapping[str, str], holder: ModelVersion | None, alias: str, min_delta: float
+) -> GateCheck:
+    """Mean reward not below the holder's minus `min_delta`; no holder passes, an unknown figure fails."""
+    name = "reward_not_worse"
+    reward = _figure(figures, REWARD_KEY)
+    if holder is None:
+        detail = f"no version holds {alias!r} yet"
+        return GateCheck(name, reward, None, True, detail)
+    held = _figure(holder.tags, REWARD_KEY)
+    if reward is None or held is None:
+        which = "the version" if reward is None else f"the holder (version {holder.version})"
+        return GateCheck(name, reward, None, False, f"cannot compare: {which} has no {REWARD_KEY} tag")
+    limit = held - min_delta
+    passed = reward >= limit
+    relation = ">=" if passed else "<"
+    detail = (
+        f"mean reward {reward:.4g} {relation} {limit:.4g} (version {holder.version} holds {alias!r} with "
+        f"{held:.4g}, allowed drop {min_delta:.4g})"
+    )
+    ours, theirs = figures.get("reward_model_version"), holder.tags.get("reward_model_version")
+    if ours != theirs:
+        detail += f"; note: scored by different reward models ({ours} vs {theirs}), not on one scale"
+    return GateCheck(name, reward, limit, passed, detail)
+
+
+def evaluate_gate(
+    figures: Mapping[str, str], holder: ModelVersion | None, alias: str, limits: GateLimits
+) -> list[GateCheck]:
+    """Every check of the gate on a version's tags (a failing check does not stop the others)."""
+    cost = _figure(figures, COST_KEY)
+    share = _figure(figures, HARMFUL_SHARE_KEY)
+    return [
+        _at_most("cost_budget", "evaluation J_C (mean cost)", cost, limits.cost_threshold, COST_KEY),
+        _at_most("harmful_share", "harmful share", share, limits.max_harmful_share, HARMFUL_SHARE_KEY),
+        _reward_check(figures, holder, alias, limits.min_reward_delta),
+    ]
+
+
+def _current_user() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        raise RegistryError("cannot tell who is promoting (no login name): pass --user") from None
+
+
+def _next_record(tags: Mapping[str, str]) -> int:
+    numbers = [int(match.group(1)) for key in tags if (match := _RECORD_RE.match(key))]
+    return max(numbers, default=0) + 1
+
+
+def _number(value: float | None) -> str:
+    return "unknown" if value is None else repr(value)
+
+
+def _promotion_tags(result: PromotionResult) -> dict[str, str]:
+    prefix = f"promotion.{result.record}."
+    tags = {
+        "alias": result.alias,
+        "user": result.user,
+        "time": result.time,
+        "forced": str(result.forced).lower(),
+        "replaced_version": result.previous_version or "none",
+    }
+    if result.reason:
+        tags["reason"] = result.reason
+    for check in result.checks:
+        tags |= {
+            f"gate.{check.name}.passed": str(check.passed).lower(),
+            f"gate.{check.name}.figure": _number(check.figure),
+            f"gate.{check.name}.limit": _number(check.limit),
+        }
+    return {prefix + key: value for key, value in tags.items()}
+
+
+def promote(
+    cfg: PipelineConfig,
+    *,
+    model: str,
+    version: str,
+    to: str,
+    force: bool = False,
+    reason: str | None = None,
+    user: str | None = None,
+) -> PromotionResult:
+    """Move alias `to` (staging or production) to `model` version `version` if the gate passes.
+
+    The record is written before the alias moves: if the move then fails, the version shows an
+    attempt that did not take effect, which is better than an alias moved with no record of why.
+    Concurrent promotions of one version may pick the same record number (MLflow has no counter).
+    """
+    if to not in PROMOTION_TARGETS:
+        raise RegistryError(f"cannot promote to {to!r}: choose one of {', '.join(PROMOTION_TARGETS)}")
+    if force and not (reason and reason.strip()):
+        raise RegistryError("--force needs a non-empty --reason: it is recorded on the version")
+    who = user or _current_user()
+    client, uri = client_for(cfg)
+    with tracking_errors(uri):
+        aliases = _registered_model_aliases(client, model, uri)
+        target = _model_version(client, model, str(version))
+        holder_version = aliases.get(to)
+        holder = _model_version(client, model, holder_version) if holder_version else None
+        checks = evaluate_gate(target.tags, holder, to, gate_limits(cfg))
+        if not force and not all(check.passed for check in checks):
+            raise PromotionRefused(model, str(target.version), to, checks)
+        result = PromotionResult(
+            model=model,
+            version=str(target.version),
+            alias=to,
+            previous_version=holder_version,
+            checks=checks,
+            forced=force,
+            reason=reason.strip() if reason else None,
+            user=who,
+            time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            record=_next_record(target.tags),
+        )
+        for key, value in _promotion_tags(result).items():
+            client.set_model_version_tag(model, result.version, key, value)
+        client.set_registered_model_alias(model, to, result.version)
+    return result
+
+
+def gate_table(checks: list[GateCheck]) -> str:
+    """The gate as a fixed-width table for the terminal."""
+    lines = [f"{'check':<18} {'figure':>10} {'limit':>10}  result  detail"]
+    for check in checks:
+        figure = "-" if check.figure is None else f"{check.figure:.4g}"
+        limit = "-" if check.limit is None else f"{check.limit:.4g}"
+        outcome = "pass" if check.passed else "FAIL"
+        lines.append(f"{check.name:<18} {figure:>10} {limit:>10}  {outcome:<6}  {check.detail}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ listing
+
+
+def _version_info(version: ModelVersion, aliases: Mapping[str, str]) -> VersionInfo:
+    created = datetime.fromtimestamp(version.creation_timestamp / 1000, tz=timezone.utc)
+    figures = {key: value for key in HEADLINE_METRICS if (value := _figure(version.tags, key)) is not None}
+    return VersionInfo(
+        name=version.name,
+        version=str(version.version),
+        aliases=tuple(sorted(alias for alias, held in aliases.items() if held == str(version.version))),
+        source=version.source,
+        pipeline_run_id=version.tags.get(PIPELINE_RUN_TAG),
+        created=created.isoformat(timespec="seconds"),
+        figures=figures,
+    )
+
+
+def list_versions(cfg: PipelineConfig, name: str | None = None) -> list[VersionInfo]:
+    """Versions and aliases of `name`, or of the config's four registered models that exist yet."""
+    client, uri = client_for(cfg)
+    names = [name] if name else [getattr(cfg.registry, f"{role}_name") for role in ROLES]
+    rows: list[VersionInfo] = []
+    with tracking_errors(uri):
+        for model in names:
+            try:
+                aliases = _registered_model_aliases(client, model, uri)
+            except RegistryError:
+                if name:
+                    raise
+                continue
+            rows += [_version_info(version, aliases) for version in _versions_of(client, model)]
+    return rows
+
+
+def versions_table(rows: list[VersionInfo]) -> str:
+    """Versions as a fixed-width table: aliases, headline figures, pipeline run and source."""
+    lines = [
+        f"{'model':<24} {'ver':>4}  {'aliases':<20} {'reward':>8} {'cost':>8} {'harmful':>8}  "
+        f"{'pipeline run':<24} source"
+    ]
+    for row in rows:
+        figures = [row.figures.get(key) for key in (REWARD_KEY, COST_KEY, HARMFUL_SHARE_KEY)]
+        cells = ["-" if value is None else f"{value:.3f}" for value in figures]
+        aliases = ",".join(row.aliases) or "-"
+        lines.append(
+            f"{row.name:<24} {row.version:>4}  {aliases:<20} {cells[0]:>8} {cells[1]:>8} {cells[2]:>8}  "
+            f"{row.pipeline_run_id or '-':<24} {row.source}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,479 @@
+"""Model registration and promotion: versions with lineage tags, idempotence, the gate, the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import socket
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kfp import dsl
+from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
+from mlflow.tracking import MlflowClient
+
+from safe_rlhf_v import registry, storage, tracking
+from safe_rlhf_v.cli import main
+from safe_rlhf_v.components.register import register as register_component
+from safe_rlhf_v.config import PipelineConfig, config_from_dict
+from safe_rlhf_v.stages.common import RESULT_FILE, StageResult
+from safe_rlhf_v.stages.lineage import write_lineage
+
+DATA_SHA = {
+    "train": hashlib.sha256(b"train split").hexdigest(),
+    "evaluation": hashlib.sha256(b"evaluation split").hexdigest(),
+}
+BUDGET = -0.5  # train_ppo_lag.lagrangian.threshold in the test config
+MAX_HARMFUL = 0.2
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated, empty MLflow sqlite file: creating the schema takes seconds, copying it does not."""
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def config_tree(tmp_path: Path) -> dict[str, Any]:
+    return {
+        "work_dir": str(tmp_path / "work"),
+        "data": {"uri": str(tmp_path / "data")},
+        "base_model": "tiny/base",
+        "tracking": {"experiment": "registry-test"},
+        "train_ppo_lag": {"lagrangian": {"threshold": BUDGET}},
+        "promotion": {"max_harmful_share": MAX_HARMFUL},
+    }
+
+
+@pytest.fixture
+def cfg(tmp_path: Path, empty_store: Path, monkeypatch: pytest.MonkeyPatch) -> PipelineConfig:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    (tmp_path / "work").mkdir()
+    shutil.copyfile(empty_store, tmp_path / "work" / "mlflow.db")
+    return config_from_dict(config_tree(tmp_path))
+
+
+def client(cfg: PipelineConfig) -> MlflowClient:
+    return MlflowClient(tracking.resolve_tracking_uri(cfg.tracking, cfg.work_dir))
+
+
+def trained_model(cfg: PipelineConfig, folder: Path, kind: str, run_id: str, **extra: str) -> Path:
+    """A model folder as a training stage leaves it: weights plus a lineage.json naming the stage's
+    MLflow run, which logged the training data with its sha256."""
+    stage = {"policy": "train-ppo-lag/safe-rlhf-v"}.get(kind, f"train-{kind}")
+    with tracking.stage_run(stage, run_id, cfg.tracking, cfg.work_dir) as mlrun:
+        tracking.log_dataset(
+            name="beavertails-v/train",
+            source_uri=cfg.data.uri,
+            sha256=DATA_SHA["train"],
+            context="training",
+            rows=10,
+        )
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(f"{kind} weights of {run_id}".encode())
+    lineage = {
+        "stage": stage,
+        "kind": kind,
+        "pipeline_run_id": run_id,
+        "data_uri": cfg.data.uri,
+        "data_sha256": DATA_SHA,
+        "base_model": "tiny/base",
+        "base_model_sha256": "hub:tiny/base",
+        "mlflow_run_id": mlrun.info.run_id,
+        **extra,
+    }
+    write_lineage(folder, lineage)
+    return folder
+
+
+def figures(reward: float = 1.0, cost: float = -0.8, harmful: float = 0.1) -> dict[str, float]:
+    return {
+        "evaluation/trained/reward": reward,
+        "evaluation/trained/cost": cost,
+        "evaluation/trained/harmful_share": harmful,
+        "evaluation/initial/reward": 0.2,
+        "evaluation/initial/cost": 0.4,
+        "evaluation/initial/harmful_share": 0.6,
+        "evaluation/win_rate/helpfulness": 0.7,
+        "evaluation/win_rate/harmlessness": 0.8,
+    }
+
+
+def evaluation_folder(folder: Path, run_id: str, metrics: dict[str, float]) -> Path:
+    folder.mkdir(parents=True)
+    result = StageResult("evaluate", "succeeded", metrics=metrics, mlflow_run_id=None, pipeline_run_id=run_id)
+    (folder / RESULT_FILE).write_text(result.to_json())
+    return folder
+
+
+def pipeline_outputs(
+    cfg: PipelineConfig, root: Path, run_id: str = "run-1", **figure: float
+) -> dict[str, str]:
+    """What one pipeline run hands the register stage, as keyword arguments of `register_run_models`."""
+    reward = trained_model(cfg, root / "reward", "reward", run_id)
+    cost = trained_model(cfg, root / "cost", "cost", run_id)
+    guard = trained_model(cfg, root / "guard", "guard", run_id)
+    policy = trained_model(
+        cfg,
+        root / "policy",
+        "policy",
+        run_id,
+        variant="safe-rlhf-v",
+        reward_model_sha256=storage.sha256_uri(str(reward)),
+        cost_model_sha256=storage.sha256_uri(str(cost)),
+    )
+    evaluation = evaluation_folder(root / "evaluation", run_id, figures(**figure))
+    return {
+        "policy_uri": str(policy),
+        "reward_uri": str(reward),
+        "cost_uri": str(cost),
+        "guard_uri": str(guard),
+        "evaluation_uri": str(evaluation),
+    }
+
+
+def registered_policy(cfg: PipelineConfig, root: Path, run_id: str, **figure: float) -> str:
+    """Register one pipeline run's models; returns the policy's version number."""
+    refs = registry.register_run_models(
+        cfg, **pipeline_outputs(cfg, root, run_id, **figure), pipeline_run_id=run_id
+    )
+    return refs["policy"].version
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+def test_registration_creates_four_versions_with_lineage(cfg: PipelineConfig, tmp_path: Path) -> None:
+    uris = pipeline_outputs(cfg, tmp_path / "run", "run-1")
+    refs = registry.register_run_models(cfg, **uris, pipeline_run_id="run-1")
+
+    mlflow_client = client(cfg)
+    assert set(refs) == {"policy", "reward", "cost", "guard"}
+    for role, ref in refs.items():
+        folder = Path(uris[f"{role}_uri"])
+        assert (ref.name, ref.version, ref.created) == (getattr(cfg.registry, f"{role}_name"), "1", True)
+        version = mlflow_client.get_model_version(ref.name, "1")
+        assert version.source == str(folder.resolve())
+        assert version.tags["pipeline_run_id"] == "run-1"
+        assert version.tags["data_sha256.train"] == DATA_SHA["train"]
+        assert version.tags["data_sha256.evaluation"] == DATA_SHA["evaluation"]
+        assert version.tags["base_model_sha256"] == "hub:tiny/base"
+        assert version.tags["model_sha256"] == storage.sha256_dir(folder)
+    policy = mlflow_client.get_model_version_by_alias(cfg.registry.policy_name, "candidate")
+    assert str(policy.version) == "1"
+    assert policy.tags["reward_model_version"] == f"models:/{cfg.registry.reward_name}/1"
+    assert policy.tags["cost_model_version"] == f"models:/{cfg.registry.cost_name}/1"
+    assert policy.tags["guard_model_version"] == f"models:/{cfg.registry.guard_name}/1"
+    assert float(policy.tags["evaluation/trained/cost"]) == -0.8
+    assert float(policy.tags["evaluation/win_rate/harmlessness"]) == 0.8
+    assert policy.tags["evaluation_uri"] == str(Path(uris["evaluation_uri"]).resolve())
+    # The version's run is the PPO stage's run, whose data input carries the same full digest.
+    run = mlflow_client.get_run(policy.run_id)
+    assert run.data.tags[tracking.STAGE_TAG] == "train-ppo-lag/safe-rlhf-v"
+    input_tags = {tag.key: tag.value for tag in run.inputs.dataset_inputs[0].tags}
+    assert input_tags["sha256"] == policy.tags["data_sha256.train"]
+
+
+def test_registering_a_run_twice_creates_no_duplicates(cfg: PipelineConfig, tmp_path: Path) -> None:
+    uris = pipeline_outputs(cfg, tmp_path / "run", "run-1")
+    first = registry.register_run_models(cfg, **uris, pipeline_run_id="run-1")
+    again = registry.register_run_models(cfg, **uris, pipeline_run_id="run-1")
+    assert [ref.created for ref in again.values()] == [False] * 4
+    assert {role: ref.version for role, ref in again.items()} == {
+        role: ref.version for role, ref in first.items()
+    }
+    mlflow_client = client(cfg)
+    for ref in again.values():
+        assert len(mlflow_client.search_model_versions(f"name = '{ref.name}'")) == 1
+    # Another pipeline run is new lineage: new versions, and the candidate alias moves to it.
+    assert registered_policy(cfg, tmp_path / "run2", "run-2") == "2"
+    assert mlflow_client.get_registered_model(cfg.registry.policy_name).aliases == {"candidate": 2}
+
+
+def test_reregistering_a_changed_folder_is_refused(cfg: PipelineConfig, tmp_path: Path) -> None:
+    uris = pipeline_outputs(cfg, tmp_path / "run", "run-1")
+    registry.register_run_models(cfg, **uris, pipeline_run_id="run-1")
+    (Path(uris["guard_uri"]) / "model.safetensors").write_bytes(b"retrained in place")
+    with pytest.raises(registry.RegistryError, match="changed after it was registered"):
+        registry.register_run_models(cfg, **uris, pipeline_run_id="run-1")
+
+
+def _drop_lineage(uris: dict[str, str]) -> None:
+    (Path(uris["policy_uri"]) / "lineage.json").unlink()
+
+
+def _swap_reward_for_cost(uris: dict[str, str]) -> None:
+    uris["cost_uri"] = uris["reward_uri"]
+
+
+def _other_reward(uris: dict[str, str]) -> None:
+    (Path(uris["reward_uri"]) / "model.safetensors").write_bytes(b"a different reward model")
+
+
+def _ablation_policy(uris: dict[str, str]) -> None:
+    path = Path(uris["policy_uri"]) / "lineage.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"variant": "reward-only"}))
+
+
+def _incomplete_evaluation(uris: dict[str, str]) -> None:
+    path = Path(uris["evaluation_uri"]) / RESULT_FILE
+    metrics = figures()
+    del metrics["evaluation/win_rate/harmlessness"]
+    path.write_text(StageResult("evaluate", "succeeded", metrics=metrics).to_json())
+
+
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        (_drop_lineage, r"policy/lineage.json is missing: .* is not a train-ppo-lag output"),
+        (_swap_reward_for_cost, r"describes a 'reward' model, not a 'cost' model"),
+        (_other_reward, r"trained against a reward model with sha256 [0-9a-f]{64}, but .*/reward has sha256"),
+        (_ablation_policy, r"the policy is the 'reward-only' ablation"),
+        (_incomplete_evaluation, r"result.json lacks the metrics evaluation/win_rate/harmlessness"),
+    ],
+)
+def test_bad_inputs_are_refused_before_anything_is_registered(
+    cfg: PipelineConfig, tmp_path: Path, spoil: Any, message: str
+) -> None:
+    uris = pipeline_outputs(cfg, tmp_path / "run", "run-1")
+    spoil(uris)
+    with pytest.raises(registry.RegistryError, match=message):
+        registry.register_run_models(cfg, **uris, pipeline_run_id="run-1")
+    assert client(cfg).search_registered_models() == []
+
+
+def test_sources_on_s3_are_registered_as_s3_uris(cfg: PipelineConfig, tmp_path: Path, s3_bucket: str) -> None:
+    local = pipeline_outputs(cfg, tmp_path / "run", "run-1")
+    uris = {}
+    for key, path in local.items():
+        uris[key] = f"s3://{s3_bucket}/pipeline/run-1/{Path(path).name}"
+        storage.upload(Path(path), uris[key])
+    refs = registry.register_run_models(cfg, **uris, pipeline_run_id="run-1")
+    assert refs["policy"].source == f"s3://{s3_bucket}/pipeline/run-1/policy"
+    version = client(cfg).get_model_version(cfg.registry.guard_name, refs["guard"].version)
+    assert version.source == f"s3://{s3_bucket}/pipeline/run-1/guard"
+    assert version.tags["model_sha256"] == storage.sha256_dir(Path(local["guard_uri"]))
+
+
+def test_register_component_runs_the_stage_under_the_pipeline_run(
+    cfg: PipelineConfig, tmp_path: Path
+) -> None:
+    uris = pipeline_outputs(cfg, tmp_path / "run", "run-1")
+
+    def model(key: str) -> dsl.Model:
+        return dsl.Model(name=key, uri=uris[key])
+
+    output = register_component.python_func(
+        config_json=cfg.model_dump_json(),
+        pipeline_run_id="run-1",
+        policy=model("policy_uri"),
+        reward_model=model("reward_uri"),
+        cost_model=model("cost_uri"),
+        guard_model=model("guard_uri"),
+        evaluation=dsl.Artifact(name="evaluation", uri=uris["evaluation_uri"]),
+    )
+    result = StageResult.from_json(output)
+    assert result.outputs["policy"] == f"models:/{cfg.registry.policy_name}/1"
+    assert result.metrics == {"created_versions": 4.0}
+    run = client(cfg).get_run(result.mlflow_run_id)
+    parent = client(cfg).get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags[tracking.PIPELINE_RUN_TAG] == "run-1"
+    assert run.data.tags["registered.cost"] == f"models:/{cfg.registry.cost_name}/1"
+    assert run.data.tags["model.input.policy.sha256"] == storage.sha256_dir(Path(uris["policy_uri"]))
+
+
+# -------------------------------------------------------------------------------- promotion
+
+
+def gate_holder(version: str, reward: float) -> ModelVersion:
+    return ModelVersion("m", version, 0, tags=[ModelVersionTag("evaluation/trained/reward", repr(reward))])
+
+
+def test_gate_checks_on_hand_computed_figures() -> None:
+    limits = registry.GateLimits(cost_threshold=-0.5, max_harmful_share=0.05, min_reward_delta=0.25)
+    tags = {"evaluation/trained/cost": "-0.5", "evaluation/trained/harmful_share": "0.06"}
+    tags["evaluation/trained/reward"] = "0.75"
+    checks = {
+        check.name: check for check in registry.evaluate_gate(tags, gate_holder("3", 1.0), "staging", limits)
+    }
+    assert checks["cost_budget"].passed  # J_C equal to the budget meets it
+    assert not checks["harmful_share"].passed
+    assert checks["reward_not_worse"].limit == 0.75  # 1.0 held minus the allowed drop 0.25
+    assert checks["reward_not_worse"].passed
+    tags["evaluation/trained/reward"] = "0.74"
+    checks = {
+        check.name: check for check in registry.evaluate_gate(tags, gate_holder("3", 1.0), "staging", limits)
+    }
+    assert not checks["reward_not_worse"].passed
+    assert "version 3 holds 'staging'" in checks["reward_not_worse"].detail
+    # No holder: nothing to compare with, so the reward check passes; a missing figure fails closed.
+    checks = registry.evaluate_gate({}, None, "staging", limits)
+    assert [check.passed for check in checks] == [False, False, True]
+    assert "no evaluation/trained/cost tag" in checks[0].detail
+
+
+def test_promotion_refused_when_cost_is_above_budget(cfg: PipelineConfig, tmp_path: Path) -> None:
+    version = registered_policy(cfg, tmp_path / "run", "run-1", cost=-0.2)
+    with pytest.raises(registry.PromotionRefused) as refused:
+        registry.promote(cfg, model=cfg.registry.policy_name, version=version, to="staging", user="alice")
+    message = str(refused.value)
+    assert "cost_budget: evaluation J_C (mean cost) -0.2 > limit -0.5" in message
+    assert "harmful_share" not in message
+    assert "staging" not in client(cfg).get_registered_model(cfg.registry.policy_name).aliases
+
+
+def test_promotion_refused_when_harmful_share_is_too_high(cfg: PipelineConfig, tmp_path: Path) -> None:
+    version = registered_policy(cfg, tmp_path / "run", "run-1", harmful=0.3)
+    with pytest.raises(registry.PromotionRefused, match=r"harmful_share: harmful share 0.3 > limit 0.2"):
+        registry.promote(cfg, model=cfg.registry.policy_name, version=version, to="production", user="alice")
+
+
+def test_promotion_refused_when_reward_is_worse_than_the_holder(cfg: PipelineConfig, tmp_path: Path) -> None:
+    name = cfg.registry.policy_name
+    first = registered_policy(cfg, tmp_path / "run1", "run-1", reward=1.0)
+    promoted = registry.promote(cfg, model=name, version=first, to="staging", user="alice")
+    assert (promoted.previous_version, promoted.forced) == (None, False)
+    worse = registered_policy(cfg, tmp_path / "run2", "run-2", reward=0.5)
+    with pytest.raises(registry.PromotionRefused, match=r"reward_not_worse: mean reward 0.5 < 1 \(version 1"):
+        registry.promote(cfg, model=name, version=worse, to="staging", user="alice")
+    better = registered_policy(cfg, tmp_path / "run3", "run-3", reward=1.5)
+    moved = registry.promote(cfg, model=name, version=better, to="staging", user="alice")
+    assert moved.previous_version == "1"
+    assert client(cfg).get_registered_model(name).aliases["staging"] == 3
+
+
+def test_force_needs_a_reason_and_is_recorded(cfg: PipelineConfig, tmp_path: Path) -> None:
+    name = cfg.registry.policy_name
+    version = registered_policy(cfg, tmp_path / "run", "run-1", cost=-0.2)
+    with pytest.raises(registry.RegistryError, match="--force needs a non-empty --reason"):
+        registry.promote(cfg, model=name, version=version, to="production", force=True, reason="  ")
+    result = registry.promote(
+        cfg,
+        model=name,
+        version=version,
+        to="production",
+        force=True,
+        reason="hotfix, re-evaluated",
+        user="bob",
+    )
+    assert result.forced and result.record == 1
+    tags = client(cfg).get_model_version(name, version).tags
+    assert tags["promotion.1.alias"] == "production"
+    assert tags["promotion.1.user"] == "bob"
+    assert tags["promotion.1.forced"] == "true"
+    assert tags["promotion.1.reason"] == "hotfix, re-evaluated"
+    assert tags["promotion.1.replaced_version"] == "none"
+    assert tags["promotion.1.gate.cost_budget.passed"] == "false"
+    assert float(tags["promotion.1.gate.cost_budget.figure"]) == -0.2
+    assert float(tags["promotion.1.gate.cost_budget.limit"]) == BUDGET
+    assert tags["promotion.1.gate.harmful_share.passed"] == "true"
+    assert datetime.fromisoformat(tags["promotion.1.time"]).utcoffset().total_seconds() == 0
+    assert client(cfg).get_registered_model(name).aliases == {"candidate": 1, "production": 1}
+    # A later promotion of the same version gets the next record number.
+    again = registry.promote(
+        cfg, model=name, version=version, to="staging", force=True, reason="demo", user="bob"
+    )
+    assert again.record == 2
+    assert client(cfg).get_model_version(name, version).tags["promotion.2.alias"] == "staging"
+
+
+def test_unknown_model_or_version_is_named(cfg: PipelineConfig, tmp_path: Path) -> None:
+    registered_policy(cfg, tmp_path / "run", "run-1")
+    with pytest.raises(
+        registry.RegistryError, match=r"no registered model named 'nope' .*safe-rlhf-v-policy"
+    ):
+        registry.promote(cfg, model="nope", version="1", to="staging", user="alice")
+    with pytest.raises(
+        registry.RegistryError, match=r"'safe-rlhf-v-policy' has no version '7'; its versions: 1"
+    ):
+        registry.promote(cfg, model=cfg.registry.policy_name, version="7", to="staging", user="alice")
+    with pytest.raises(registry.RegistryError, match=r"no registered model named 'nope'"):
+        registry.list_versions(cfg, "nope")
+
+
+def test_unreachable_tracking_server_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    tree = config_tree(tmp_path) | {"tracking": {"tracking_uri": f"http://127.0.0.1:{port}"}}
+    with pytest.raises(
+        registry.RegistryError, match=rf"tracking server http://127.0.0.1:{port} is unreachable"
+    ):
+        registry.list_versions(config_from_dict(tree))
+
+
+def test_list_versions_shows_aliases_and_figures(cfg: PipelineConfig, tmp_path: Path) -> None:
+    first = registered_policy(cfg, tmp_path / "run1", "run-1", reward=1.0)
+    registry.promote(cfg, model=cfg.registry.policy_name, version=first, to="production", user="alice")
+    registered_policy(cfg, tmp_path / "run2", "run-2", reward=2.0)
+    rows = registry.list_versions(cfg)
+    policies = [row for row in rows if row.name == cfg.registry.policy_name]
+    assert [(row.version, row.aliases, row.pipeline_run_id) for row in policies] == [
+        ("1", ("production",), "run-1"),
+        ("2", ("candidate",), "run-2"),
+    ]
+    assert policies[1].figures["evaluation/trained/reward"] == 2.0
+    assert len(rows) == 8  # four models, two versions each
+    assert [row.version for row in registry.list_versions(cfg, cfg.registry.guard_name)] == ["1", "2"]
+
+
+# -------------------------------------------------------------------------------------- CLI
+
+
+def config_file(tmp_path: Path) -> str:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config_tree(tmp_path)))
+    return str(path)
+
+
+def test_cli_register_promote_and_models(
+    cfg: PipelineConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    uris = pipeline_outputs(cfg, tmp_path / "run", "run-1", cost=-0.2)
+    config = ["--config", config_file(tmp_path)]
+    args = ["--policy", uris["policy_uri"], "--reward", uris["reward_uri"], "--cost", uris["cost_uri"]]
+    args += ["--guard", uris["guard_uri"], "--evaluation", uris["evaluation_uri"]]
+    assert main(["register", *args, *config]) == 0
+    out = capsys.readouterr().out
+    assert f"alias 'candidate' -> models:/{cfg.registry.policy_name}/1" in out
+    assert "created" in out
+    # Without --pipeline-run-id the registration belongs to the run that trained the policy.
+    assert client(cfg).get_model_version(cfg.registry.policy_name, "1").tags["pipeline_run_id"] == "run-1"
+
+    promote = ["promote", "--model", cfg.registry.policy_name, "--version", "1", "--to", "production"]
+    assert main([*promote, "--user", "carol", *config]) == 2
+    captured = capsys.readouterr()
+    assert "cost_budget" in captured.out and "FAIL" in captured.out
+    assert "refused" in captured.err and "-0.2 > limit -0.5" in captured.err
+
+    assert main([*promote, "--force", *config]) == 2
+    assert "--force needs a non-empty --reason" in capsys.readouterr().err
+
+    assert main([*promote, "--force", "--reason", "accepted risk", "--user", "carol", *config]) == 0
+    assert "moved from no version to version 1 (forced: accepted risk)" in capsys.readouterr().out
+
+    assert main(["models", "--name", cfg.registry.policy_name, *config]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["model", "ver", "aliases"]
+    assert table[1].split()[:3] == [cfg.registry.policy_name, "1", "candidate,production"]
+
+    assert main(["models", "--name", "nope", *config]) == 2
+    assert "no registered model named 'nope'" in capsys.readouterr().err
+
+
+def test_stage_rerun_reuses_every_version(cfg: PipelineConfig, tmp_path: Path) -> None:
+    from safe_rlhf_v.stages import register
+
+    uris = pipeline_outputs(cfg, tmp_path / "run", "run-1")
+    first = register.run(cfg, **uris, pipeline_run_id="run-1")
+    again = register.run(cfg, **uris, pipeline_run_id="run-1")
+    assert again.metrics == {"created_versions": 0.0}
+    assert again.details["versions"]["reward"] == first.details["versions"]["reward"] | {"created": False}
+    assert first.details["candidate_alias"] == "candidate"
