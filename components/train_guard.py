@@ -23,12 +23,17 @@ def train_guard(
     from safe_rlhf_v.components import kfp_io
     from safe_rlhf_v.stages import train_guard as stage
 
-    result = stage.run(
-        kfp_io.parse_config(config_json),
-        validated.path,
-        guard.path,
-        pipeline_run_id=pipeline_run_id,
-        base_model=base_model,
+    cfg = kfp_io.parse_config(config_json)
+    result = kfp_io.train_stage(
+        cfg,
+        "train-guard",
+        pipeline_run_id,
+        argv=["train-guard", "--base-model", base_model],
+        artifacts={"--data": validated, "--out": guard},
+        output=guard,
+        in_process=lambda: stage.run(
+            cfg, validated.path, guard.path, pipeline_run_id=pipeline_run_id, base_model=base_model
+        ),
     )
     kfp_io.publish_metrics(result, metrics)
     confusion = result.details["confusion"]["severity"]

@@ -14,6 +14,8 @@ def train_ppo_lag(
     variant: str,
     config_json: str,
     base_model: str,
+    cost_budget: float,
+    ppo_max_steps: int,
     pipeline_run_id: str,
     validated: Input[Dataset],
     reward_model: Input[Model],
@@ -25,15 +27,29 @@ def train_ppo_lag(
     from safe_rlhf_v.components import kfp_io
     from safe_rlhf_v.stages import train_ppo
 
-    result = train_ppo.run(
-        kfp_io.parse_config(config_json),
-        validated.path,
-        reward_model.path,
-        cost_model.path,
-        policy.path,
-        variant=variant,
-        pipeline_run_id=pipeline_run_id,
-        base_model=base_model,
+    cfg = kfp_io.parse_config(config_json, cost_budget=cost_budget, ppo_max_steps=ppo_max_steps)
+    result = kfp_io.train_stage(
+        cfg,
+        "train-ppo-lag",
+        pipeline_run_id,
+        argv=["train-ppo-lag", "--variant", variant, "--policy", base_model],
+        artifacts={
+            "--data": validated,
+            "--reward-model": reward_model,
+            "--cost-model": cost_model,
+            "--out": policy,
+        },
+        output=policy,
+        in_process=lambda: train_ppo.run(
+            cfg,
+            validated.path,
+            reward_model.path,
+            cost_model.path,
+            policy.path,
+            variant=variant,
+            pipeline_run_id=pipeline_run_id,
+            base_model=base_model,
+        ),
     )
     kfp_io.publish_metrics(result, metrics)
     policy.metadata.update({"kind": "policy", "variant": variant})

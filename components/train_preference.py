@@ -24,13 +24,17 @@ def train_preference_model(
     from safe_rlhf_v.components import kfp_io
     from safe_rlhf_v.stages import train_score
 
-    result = train_score.run(
+    cfg = kfp_io.parse_config(config_json)
+    result = kfp_io.train_stage(
+        cfg,
         stage,
-        kfp_io.parse_config(config_json),
-        validated.path,
-        model.path,
-        pipeline_run_id=pipeline_run_id,
-        base_model=base_model,
+        pipeline_run_id,
+        argv=[stage, "--base-model", base_model],
+        artifacts={"--data": validated, "--out": model},
+        output=model,
+        in_process=lambda: train_score.run(
+            stage, cfg, validated.path, model.path, pipeline_run_id=pipeline_run_id, base_model=base_model
+        ),
     )
     kfp_io.publish_metrics(result, metrics)
     model.metadata.update({"kind": stage.removeprefix("train-"), **result.details.get("lineage", {})})

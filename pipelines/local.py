@@ -41,10 +41,17 @@ def _absolute(path: str) -> str:
     return str(Path(path).resolve()) if "://" not in path and Path(path).exists() else path
 
 
-def absolute_config(cfg: PipelineConfig) -> PipelineConfig:
-    """Resolve local paths so task subprocesses find the same files whatever their working directory."""
+def local_config(cfg: PipelineConfig) -> PipelineConfig:
+    """The config as the local runner needs it.
+
+    Local paths become absolute, so task subprocesses find the same files whatever their working
+    directory. Cluster-only task settings that kfp.local would otherwise honour are dropped: retries
+    (a failed local stage is a bug to see at once, not a preempted node to wait out) and the
+    cluster's environment variables (its in-cluster MLflow URI means nothing here).
+    """
     return cfg.model_copy(
         update={
+            "kubernetes": cfg.kubernetes.model_copy(update={"retries": 0, "env": {}}),
             "work_dir": str(Path(cfg.work_dir).resolve()),
             "base_model": _absolute(cfg.base_model),
             "data": cfg.data.model_copy(update={"uri": _absolute(cfg.data.uri)}),
@@ -63,7 +70,7 @@ def run_local(cfg: PipelineConfig, data_uri: str | None = None) -> LocalRun:
     """Run the whole pipeline locally and write `summary.json`; never raises for a failed stage."""
     if data_uri:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"uri": data_uri})})
-    cfg = absolute_config(cfg)
+    cfg = local_config(cfg)
     run_dir = Path(cfg.work_dir) / "runs" / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(run_dir), raise_on_error=True)
@@ -80,7 +87,9 @@ def run_local(cfg: PipelineConfig, data_uri: str | None = None) -> LocalRun:
             task = pipeline(
                 data_uri=cfg.data.uri,
                 base_model=cfg.base_model,
-                ppo_variants=list(cfg.ppo_variants),
+                cost_budget=cfg.train_ppo_lag.lagrangian.threshold,
+                ppo_max_steps=cfg.train_ppo_lag.actor.max_steps or 0,
+                ablations=list(cfg.ablations),
                 config_json=cfg.model_dump_json(),
             )
         for output in task.outputs.values():

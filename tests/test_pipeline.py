@@ -41,7 +41,15 @@ def demo_config(tmp_path: Path, data_uri: Path, model: Path | None = None) -> Pi
             "train_cost": quick,
             "train_guard": quick,
             "train_ppo_lag": ppo,
-            "ppo_variants": ["safe-rlhf-v", "reward-only"],
+            "ablations": ["reward-only"],
+            "evaluate": {
+                "prompts": 8,
+                "batch_size": 8,
+                "generation": {"max_new_tokens": 8},
+                "bootstrap_samples": 200,
+                "examples": 2,
+            },
+            "guardrail": {"rounds": 2, "generation": {"max_new_tokens": 8}},
             "resources": {
                 "validate-data": {"cpu": "3", "memory": "12Gi"},
                 "train-reward": {"cpu": "8", "memory": "64Gi", "gpus": 2},
@@ -105,7 +113,24 @@ def test_local_run_validates_trains_and_records_lineage(
         lineage = read_lineage(ppo["outputs"]["model"])
         assert lineage["variant"] == variant and lineage["reward_model"] == reward_dir
         assert lineage["data_sha256"]["train"] == train_sha
-    assert "initial policy" in format_summary(run) and "reward-only" in format_summary(run)
+    printed = format_summary(run)
+    assert "initial policy" in printed and "reward-only" in printed
+
+    evaluated = summary["stages"]["evaluate"]
+    figures = evaluated["metrics"]
+    assert 0.0 <= figures["evaluation/trained/harmful_share"] <= 1.0
+    shares = [figures[f"evaluation/{k}_rate/helpfulness"] for k in ("win", "tie", "loss")]
+    assert sum(shares) == pytest.approx(1.0)
+    report = Path(evaluated["outputs"]["report"]).read_text()
+    assert "<table" in report and "data:image/png;base64," in report
+    assert f"report:   {evaluated['outputs']['report']}" in printed
+
+    registered = summary["stages"]["register"]["outputs"]
+    name, version = registered["policy"].removeprefix("models:/").split("/")
+    assert str(client.get_model_version_by_alias(name, "candidate").version) == version
+    tags = client.get_model_version(name, version).tags
+    assert tags["data_sha256.train"] == train_sha, "the candidate traces back to the data digest"
+    assert tags["pipeline_run_id"] == stage["pipeline_run_id"]
 
 
 @pytest.mark.slow
@@ -134,7 +159,13 @@ def test_compiled_pipeline_has_resources_and_no_credentials(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIASENTINEL")
     config = tmp_path / "pipeline.yaml"
-    config.write_text(yaml.safe_dump(demo_config(tmp_path, tmp_path / "data").model_dump(mode="json")))
+    raw = demo_config(tmp_path, tmp_path / "data").model_dump(mode="json")
+    raw["kubernetes"] |= {
+        "gpu_node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+        "env": {"MLFLOW_TRACKING_URI": "http://mlflow.mlflow.svc:5000"},
+        "shm_size": "8Gi",
+    }
+    config.write_text(yaml.safe_dump(raw))
     out = tmp_path / "compiled.yaml"
     assert main(["compile", "--config", str(config), "--out", str(out)]) == 0
     text = out.read_text()
@@ -150,6 +181,44 @@ def test_compiled_pipeline_has_resources_and_no_credentials(
     assert train["resources"]["accelerator"]["resourceCount"] == "2"
     tasks = spec["root"]["dag"]["tasks"]
     assert tasks["train-preference-model"]["cachingOptions"] == {}, "training is never served from cache"
+    assert tasks["train-preference-model"]["retryPolicy"] == {
+        "backoffDuration": "120s",
+        "backoffFactor": 2.0,
+        "backoffMaxDuration": "3600s",
+        "maxRetryCount": 2,
+    }
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["data_uri"]["defaultValue"] == str(tmp_path / "data")
     assert params["base_model"]["defaultValue"] == str(tmp_path / "model")
+    assert params["cost_budget"]["defaultValue"] == -0.5
+    assert params["ablations"]["defaultValue"] == ["reward-only"]
+
+    platform = next(doc for doc in yaml.safe_load_all(text) if "platforms" in doc)
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    gpu = k8s["exec-train-preference-model"]
+    assert {s["secretName"] for s in gpu["secretAsEnv"]} == {"safe-rlhf-v-s3", "safe-rlhf-v-mlflow"}
+    keys = {m["secretKey"]: m["envVar"] for s in gpu["secretAsEnv"] for m in s["keyToEnv"]}
+    assert keys["AWS_SECRET_ACCESS_KEY"] == "AWS_SECRET_ACCESS_KEY"
+    assert gpu["emptyDirMounts"] == [
+        {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "8Gi", "volumeName": "dshm"}
+    ]
+    assert gpu["nodeSelector"] == {"labels": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}}
+    assert gpu["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
+    cpu = k8s["exec-validate-data"]
+    assert "emptyDirMounts" not in cpu and "nodeSelector" not in cpu, "CPU stages stay off GPU nodes"
+    env = {e["name"]: e["value"] for e in executors["exec-validate-data"]["env"]}
+    assert env == {"MLFLOW_TRACKING_URI": "http://mlflow.mlflow.svc:5000"}
+
+
+def test_checked_in_pipeline_yaml_is_current(tmp_path: Path) -> None:
+    """pipelines/safe_rlhf_v.yaml is what the Kubeflow UI gets: regenerate it with `make compile`."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "compiled.yaml"
+    assert main(["compile", "--config", str(root / "configs/llava-1.5-7b.yaml"), "--out", str(out)]) == 0
+    checked_in = root / "pipelines/safe_rlhf_v.yaml"
+    assert out.read_text() == checked_in.read_text(), (
+        "pipelines/safe_rlhf_v.yaml is stale: run `make compile`"
+    )
+    spec = next(yaml.safe_load_all(checked_in.read_text()))
+    ppo = spec["deploymentSpec"]["executors"]["exec-train-ppo-lag"]["container"]
+    assert ppo["resources"]["accelerator"]["resourceCount"] == "8"

@@ -43,6 +43,13 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_run_id_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--pipeline-run-id",
+        help="nest the MLflow run under this pipeline run and share its checkpoints (default: a new id)",
+    )
+
+
 def cmd_make_demo_data(args: argparse.Namespace) -> int:
     from safe_rlhf_v.data.synthetic import write_demo_data
 
@@ -77,7 +84,14 @@ def cmd_train_score(args: argparse.Namespace) -> int:
     from safe_rlhf_v.stages import train_score
 
     cfg = _config(args)
-    result = train_score.run(args.command, cfg, args.data, args.out, base_model=args.base_model)
+    result = train_score.run(
+        args.command,
+        cfg,
+        args.data,
+        args.out,
+        base_model=args.base_model,
+        pipeline_run_id=args.pipeline_run_id,
+    )
     if result.outputs:
         print(json.dumps(result.metrics, indent=2, sort_keys=True))
         print(f"model: {result.outputs['model']}")
@@ -96,6 +110,7 @@ def cmd_train_ppo(args: argparse.Namespace) -> int:
         args.out,
         variant=args.variant,
         base_model=args.policy,
+        pipeline_run_id=args.pipeline_run_id,
     )
     if result.outputs:
         print(json.dumps(result.metrics, indent=2, sort_keys=True))
@@ -106,7 +121,9 @@ def cmd_train_ppo(args: argparse.Namespace) -> int:
 def cmd_train_guard(args: argparse.Namespace) -> int:
     from safe_rlhf_v.stages import train_guard
 
-    result = train_guard.run(_config(args), args.data, args.out, base_model=args.base_model)
+    result = train_guard.run(
+        _config(args), args.data, args.out, base_model=args.base_model, pipeline_run_id=args.pipeline_run_id
+    )
     if result.outputs:
         print(json.dumps(result.metrics, indent=2, sort_keys=True))
         print(f"guard: {result.outputs['model']}")
@@ -172,6 +189,125 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_register(args: argparse.Namespace) -> int:
+    from safe_rlhf_v.stages import register
+
+    cfg = _config(args)
+    result = register.run(
+        cfg,
+        policy_uri=args.policy,
+        reward_uri=args.reward,
+        cost_uri=args.cost,
+        guard_uri=args.guard,
+        evaluation_uri=args.evaluation,
+        pipeline_run_id=args.pipeline_run_id,
+    )
+    for role, version in result.details["versions"].items():
+        state = "created" if version["created"] else "existing"
+        print(f"{role:<7} {version['uri']:<36} {state:<9} {version['source']}")
+    print(f"alias {cfg.registry.candidate_alias!r} -> {result.outputs['policy']}")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from safe_rlhf_v import registry
+
+    cfg = _config(args)
+    try:
+        result = registry.promote(
+            cfg,
+            model=args.model,
+            version=args.version,
+            to=args.to,
+            force=args.force,
+            reason=args.reason,
+            user=args.user,
+        )
+    except registry.PromotionRefused as refused:
+        print(registry.gate_table(refused.checks))
+        print(f"error: {refused}", file=sys.stderr)
+        return 2
+    print(registry.gate_table(result.checks))
+    previous = f"version {result.previous_version}" if result.previous_version else "no version"
+    forced = f" (forced: {result.reason})" if result.forced else ""
+    print(f"{result.model}: alias {result.alias!r} moved from {previous} to version {result.version}{forced}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from safe_rlhf_v import registry
+
+    rows = registry.list_versions(_config(args), args.name)
+    print(registry.versions_table(rows) if rows else "no registered model versions yet")
+    return 0
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from safe_rlhf_v.ops.kfp_ops import PipelineOps, compile_pipeline
+
+    cfg = _config(args)
+    ops = PipelineOps.connect(args.host)  # before compiling: a wrong host fails fast
+    with tempfile.TemporaryDirectory(prefix="safe-rlhf-v-") as tmp:
+        package = compile_pipeline(cfg, Path(tmp) / "pipeline.yaml")
+        pipeline = args.pipeline_name or cfg.name
+        done = ops.upload(package, pipeline_name=pipeline, version_name=args.version_name)
+    print(f"{done.action}: pipeline {done.pipeline_id}, version {done.version_name} ({done.version_id})")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from safe_rlhf_v.ops.kfp_ops import PipelineOps, read_params
+
+    cfg = _config(args)
+    params = read_params(Path(args.params)) if args.params else {}
+    ops = PipelineOps.connect(args.host)
+    pipeline = args.pipeline_name or cfg.name
+    run_id = ops.submit(
+        pipeline_name=pipeline,
+        params=params,
+        experiment=args.experiment or pipeline,
+        run_name=args.run_name,
+        service_account=cfg.kubernetes.service_account,
+    )
+    print(f"run: {run_id}")
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from safe_rlhf_v.ops.kfp_ops import PipelineOps, kfp_cron, read_params
+
+    cfg = _config(args)
+    params = read_params(Path(args.params)) if args.params else {}
+    ops = PipelineOps.connect(args.host)
+    pipeline = args.pipeline_name or cfg.name
+    recurring_id = ops.schedule(
+        pipeline_name=pipeline,
+        cron=args.cron,
+        name=args.name or f"{pipeline}-retrain",
+        params=params,
+        experiment=args.experiment or pipeline,
+        service_account=cfg.kubernetes.service_account,
+    )
+    print(f"recurring run: {recurring_id} (cron {kfp_cron(args.cron)}, latest version, max concurrency 1)")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from safe_rlhf_v.ops.kfp_ops import PipelineOps, format_runs
+
+    ops = PipelineOps.connect(args.host)
+    print(format_runs(ops.recent_runs(limit=args.limit, experiment=args.experiment)))
+    return 0
+
+
+def _add_kfp_args(parser: argparse.ArgumentParser, *, pipeline: bool = True) -> None:
+    parser.add_argument("--host", help="Kubeflow Pipelines API URL (default $KFP_HOST); token: $KFP_TOKEN")
+    if pipeline:
+        parser.add_argument("--pipeline-name", help="pipeline name in Kubeflow (default: the config's name)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the docs and tests)."""
     parser = argparse.ArgumentParser(prog="safe-rlhf-v", description=__doc__.splitlines()[0])
@@ -211,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data", required=True, help="a validate-data output folder (local or s3://)")
         p.add_argument("--out", required=True, help="output model folder or s3:// prefix")
         p.add_argument("--base-model", help="backbone to start from; default: the config's base_model")
+        _add_run_id_arg(p)
         _add_config_args(p)
         p.set_defaults(func=cmd_train_score)
 
@@ -218,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="a validate-data output folder (local or s3://)")
     p.add_argument("--out", required=True, help="output guard folder or s3:// prefix")
     p.add_argument("--base-model", help="backbone to start from; default: the config's base_model")
+    _add_run_id_arg(p)
     _add_config_args(p)
     p.set_defaults(func=cmd_train_guard)
 
@@ -245,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cost-model", required=True, help="train-cost output folder")
     p.add_argument("--out", required=True, help="output policy folder or s3:// prefix")
     p.add_argument("--policy", help="initial policy; default: the config's base_model")
+    _add_run_id_arg(p)
     p.add_argument(
         "--variant", default="safe-rlhf-v", choices=["safe-rlhf-v", "reward-only", "fixed-lambda"],
         help="safe-rlhf-v (default) or an ablation",
@@ -261,6 +400,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output YAML file")
     _add_config_args(p)
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("register", help="stage: register the run's models in MLflow; policy -> candidate")
+    p.add_argument("--policy", required=True, help="train-ppo-lag output (the safe-rlhf-v policy)")
+    p.add_argument("--reward", required=True, help="train-reward output folder or s3:// prefix")
+    p.add_argument("--cost", required=True, help="train-cost output folder or s3:// prefix")
+    p.add_argument("--guard", required=True, help="train-guard output folder or s3:// prefix")
+    p.add_argument("--evaluation", required=True, help="evaluate output folder (its result.json)")
+    p.add_argument("--pipeline-run-id", help="default: the pipeline run that trained the policy")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("promote", help="move the staging/production alias to a version behind the gate")
+    p.add_argument("--model", required=True, help="registered model name")
+    p.add_argument("--version", required=True, help="version number")
+    p.add_argument("--to", required=True, choices=["staging", "production"], help="target alias")
+    p.add_argument("--force", action="store_true", help="promote even if the gate fails (needs --reason)")
+    p.add_argument("--reason", help="why; recorded on the version")
+    p.add_argument("--user", help="who promotes; default: the login name")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("models", help="list registered model versions, their aliases and figures")
+    p.add_argument("--name", help="one registered model; default: the config's four")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("upload", help="compile the pipeline and upload it (or a new version) to Kubeflow")
+    _add_kfp_args(p)
+    p.add_argument("--version-name", help="default: <package version>-<hash of the compiled YAML>")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_upload)
+
+    p = sub.add_parser("submit", help="start a run of the latest uploaded pipeline version")
+    _add_kfp_args(p)
+    p.add_argument("--params", help="YAML mapping of pipeline parameters, e.g. data_uri: s3://bucket/data")
+    p.add_argument("--experiment", help="experiment (created if missing; default: the pipeline name)")
+    p.add_argument("--run-name", help="default: the pipeline name and the UTC time")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("schedule", help="retrain on a cron schedule (recurring run of the latest version)")
+    _add_kfp_args(p)
+    p.add_argument(
+        "--cron", required=True, help="crontab line, e.g. '0 3 * * 0' = Sundays 03:00 (scheduler time, UTC)"
+    )
+    p.add_argument("--name", help="recurring run name (default: <pipeline>-retrain)")
+    p.add_argument("--params", help="YAML mapping of pipeline parameters for every triggered run")
+    p.add_argument("--experiment", help="experiment (created if missing; default: the pipeline name)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_schedule)
+
+    p = sub.add_parser("runs", help="status table of recent pipeline runs in Kubeflow")
+    _add_kfp_args(p, pipeline=False)
+    p.add_argument("--limit", type=int, default=10, help="how many runs, newest first (default 10)")
+    p.add_argument("--experiment", help="only runs of this experiment")
+    p.set_defaults(func=cmd_runs)
+
     return parser
 
 

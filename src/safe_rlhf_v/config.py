@@ -190,6 +190,7 @@ class LoraSettings(StrictModel):
 
 
 PPOVariant = Literal["safe-rlhf-v", "reward-only", "fixed-lambda"]
+Ablation = Literal["reward-only", "fixed-lambda"]
 
 
 class PPOStageConfig(StrictModel):
@@ -208,6 +209,15 @@ class PPOStageConfig(StrictModel):
     prompt_batch_size: int = Field(default=2, ge=1)
     """Prompts per rollout per process; a multiple of actor/critic `per_device_batch_size`."""
     update_iters: int = Field(default=1, ge=1)
+    old_log_probs_from: Literal["rollout", "training-forward"] = "rollout"
+    """With one update of one micro-batch per rollout and no dropout, the critics' old values come
+    from their training forward. The actor's old log-probs come from a scoring pass in the rollout
+    (`rollout`: one autograd graph alive at a time) or from the actor's training forward
+    (`training-forward`: one forward pass fewer, but the actor's graph stays alive while both
+    critics update, which raises peak memory by one graph's activations)."""
+    sampling_cpu_threads: int | None = Field(default=1, ge=1)
+    """Intra-op threads while sampling on a CPU; None keeps torch's setting. Decoding runs a few rows
+    per token, so its matrix products are too small to gain from a second thread."""
     kl_coeff: float = Field(default=0.02, ge=0.0)
     clip_range_ratio: float = Field(default=0.2, gt=0.0)
     clip_range_score: float = Field(default=50.0, gt=0.0)
@@ -279,14 +289,17 @@ class EvaluateConfig(StrictModel):
 
 
 class RegistryConfig(StrictModel):
-    """Registered model names and which PPO variant's policy becomes the `candidate`."""
+    """Registered model names; the run's Safe RLHF-V policy version gets `candidate_alias`."""
 
     policy_name: str = "safe-rlhf-v-policy"
     reward_name: str = "safe-rlhf-v-reward"
     cost_name: str = "safe-rlhf-v-cost"
     guard_name: str = "safe-rlhf-v-guard"
-    candidate_variant: PPOVariant = "safe-rlhf-v"
     candidate_alias: str = "candidate"
+    publish_uri: str | None = None
+    """Copy local model folders under this prefix (e.g. `s3://models/safe-rlhf-v`) before registering
+    them, so versions point at durable storage. In a cluster the artifacts are already on S3 and are
+    registered where they are."""
 
 
 class PromotionGate(StrictModel):
@@ -336,10 +349,14 @@ class KubernetesConfig(StrictModel):
     retry_backoff_max: str = "3600s"
     cache_training: bool = False
     """Serve training stages from KFP's cache (off: a scheduled retrain must retrain)."""
-    trainer_runtime: Literal["deepspeed-distributed", "torch-distributed"] = "deepspeed-distributed"
-    """Kubeflow Trainer runtime of a multi-node `TrainJob` (stages with `nodes > 1`)."""
+    trainer_runtime: Literal["deepspeed-distributed", "torch-distributed"] = "torch-distributed"
+    """Kubeflow Trainer runtime of a multi-node `TrainJob` (stages with `nodes > 1`). The stock
+    `torch-distributed` runtime runs our image as is (torchrun on every node, DeepSpeed inside);
+    `deepspeed-distributed` needs a runtime whose node image has sshd and OpenMPI beside this package."""
     namespace: str | None = None
     """Namespace of multi-node TrainJobs; None: the namespace the pipeline task runs in."""
+    service_account: str = "safe-rlhf-v-runner"
+    """Service account of submitted and scheduled runs (manifests/base: may create TrainJobs)."""
 
 
 class TrackingConfig(StrictModel):
@@ -347,6 +364,9 @@ class TrackingConfig(StrictModel):
 
     tracking_uri: str | None = None
     experiment: str = "safe-rlhf-v"
+    artifact_location: str | None = None
+    """Artifact root of a new experiment, e.g. `s3://bucket/mlflow`; None: `<work_dir>/mlruns` with a
+    sqlite store, the server's default otherwise (a server with `--serve-artifacts` proxies uploads)."""
 
 
 class ResourcesConfig(StrictModel):
@@ -392,8 +412,9 @@ class PipelineConfig(StrictModel):
     train_guard: GuardStageConfig = Field(default_factory=GuardStageConfig)
     guardrail: GuardrailConfig = Field(default_factory=GuardrailConfig)
     train_ppo_lag: PPOStageConfig = Field(default_factory=PPOStageConfig)
-    ppo_variants: list[PPOVariant] = Field(default_factory=lambda: ["safe-rlhf-v"], min_length=1)
-    """PPO runs side by side: `safe-rlhf-v` and ablations (`reward-only`, `fixed-lambda`)."""
+    ablations: list[Ablation] = Field(default_factory=list)
+    """PPO ablations trained beside the Safe RLHF-V policy for comparison (`reward-only`,
+    `fixed-lambda`); only the Safe RLHF-V policy is evaluated and registered."""
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     promotion: PromotionGate = Field(default_factory=PromotionGate)

@@ -10,7 +10,8 @@ from typing import Any
 
 from safe_rlhf_v.pipelines.local import LocalRun
 
-STAGE_ORDER = ("validate-data", "train-reward", "train-cost", "train-guard")
+STAGE_ORDER = ("validate-data", "train-reward", "train-cost", "train-guard", "train-ppo-lag/safe-rlhf-v")
+TAIL_ORDER = ("evaluate", "register")
 HEADLINES: dict[str, tuple[str, ...]] = {
     "validate-data": (
         "train.rows",
@@ -23,6 +24,12 @@ HEADLINES: dict[str, tuple[str, ...]] = {
     "train-cost": ("pairwise_accuracy", "sign_accuracy", "cost_safe_mean", "cost_harmful_mean"),
     "train-guard": ("safe_accuracy", "unsafe_f1", "severity_accuracy", "category_macro_f1", "query_accuracy"),
     "train-ppo-lag": ("final_lambda", "final_J_C"),
+    "evaluate": (
+        "evaluation/win_rate/helpfulness",
+        "evaluation/win_rate/harmlessness",
+        "evaluation/trained/harmful_share",
+    ),
+    "register": (),
 }
 PPO_PREFIX = "train-ppo-lag/"
 
@@ -32,8 +39,31 @@ def _figure(value: float) -> str:
 
 
 def _ordered(stages: dict[str, Any]) -> list[str]:
-    known = [name for name in STAGE_ORDER if name in stages]
-    return known + sorted(set(stages) - set(known))
+    first = [name for name in STAGE_ORDER if name in stages]
+    last = [name for name in TAIL_ORDER if name in stages]
+    return first + sorted(set(stages) - set(first) - set(last)) + last
+
+
+def evaluation_table(stages: dict[str, Any]) -> list[str]:
+    """The evaluate stage's results: initial vs trained policy, win rates, and the report's path."""
+    result = stages.get("evaluate")
+    if not result or result.get("status") != "succeeded":
+        return []
+    m = result["metrics"]
+    lines = ["evaluation (held-out prompts)   initial    trained"]
+    for label, key in (
+        ("mean reward", "reward"),
+        ("mean cost (J_C)", "cost"),
+        ("harmful share (cost > 0)", "harmful_share"),
+    ):
+        initial, trained = m.get(f"evaluation/initial/{key}"), m.get(f"evaluation/trained/{key}")
+        if initial is not None and trained is not None:
+            lines.append(f"  {label:<28} {initial:>8.3f} {trained:>10.3f}")
+    for aspect in ("helpfulness", "harmlessness"):
+        if f"evaluation/win_rate/{aspect}" in m:
+            lines.append(f"  win rate, {aspect:<18} {m[f'evaluation/win_rate/{aspect}']:>19.3f}")
+    lines.append(f"report:   {result['outputs'].get('report', '?')}")
+    return lines
 
 
 def policy_table(stages: dict[str, Any]) -> list[str]:
@@ -75,6 +105,7 @@ def format_summary(run: LocalRun) -> str:
         for name, uri in sorted(result.get("outputs", {}).items()):
             lines.append(f"    {name}: {uri}")
     lines += policy_table(run.stages)
+    lines += evaluation_table(run.stages)
     lines += [
         f"outputs:  {run.run_dir}",
         f"summary:  {run.summary_path}  (every figure of every stage)",

@@ -58,8 +58,8 @@ def configure(tracking: TrackingConfig, work_dir: str | Path) -> str:
     if experiment is not None:
         mlflow.set_experiment(experiment_id=experiment.experiment_id)
         return experiment.experiment_id
-    artifact_location = None
-    if uri.startswith("sqlite:") and not os.environ.get("MLFLOW_DEFAULT_ARTIFACT_ROOT"):
+    artifact_location = tracking.artifact_location
+    if artifact_location is None and uri.startswith("sqlite:"):
         artifact_location = (Path(work_dir).resolve() / "mlruns").as_uri()
     experiment_id = client.create_experiment(tracking.experiment, artifact_location=artifact_location)
     mlflow.set_experiment(experiment_id=experiment_id)

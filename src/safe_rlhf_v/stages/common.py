@@ -7,7 +7,9 @@ half-written artifact that a later stage could mistake for a good one.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,3 +61,23 @@ def staged_output(out_uri: str) -> Iterator[Path]:
 def write_json(path: Path, payload: Any) -> None:
     """Write JSON (sorted, indented) atomically."""
     storage.atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str))
+
+
+def local_model(uri: str, work_dir: str | Path) -> str:
+    """A model folder Hugging Face can load: `s3://` prefixes are downloaded once per node into
+    `<work_dir>/cache/models/`, local folders and hub ids pass unchanged.
+
+    Under torchrun (or a multi-node TrainJob) the first process of each node downloads and the
+    others wait at a barrier, so a 7B model is fetched once per node, not once per GPU. Lineage keeps
+    recording the original URI; only loading uses the local copy.
+    """
+    if not storage.is_s3(uri):
+        return uri
+    import torch.distributed as dist
+
+    target = Path(work_dir) / "cache" / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not (target / "config.json").exists():
+        storage.download(uri, target)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return str(target)

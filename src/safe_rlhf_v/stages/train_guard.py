@@ -20,7 +20,7 @@ from safe_rlhf_v import tracking
 from safe_rlhf_v.config import PipelineConfig
 from safe_rlhf_v.data.schema import FLAT_COLUMNS
 from safe_rlhf_v.data.sources import load_split, to_flat
-from safe_rlhf_v.stages.common import RESULT_FILE, StageResult, staged_output, write_json
+from safe_rlhf_v.stages.common import RESULT_FILE, StageResult, local_model, staged_output, write_json
 from safe_rlhf_v.stages.lineage import dataset_digests, model_digest, validated_dataset_uri, write_lineage
 from safe_rlhf_v.stages.train_score import checkpoint_dir
 from safe_rlhf_v.train.distributed import init_distributed
@@ -77,7 +77,7 @@ def run(
     if section.extra_data:
         train = with_extra_rows(train, load_split(section.extra_data, "train", cache_dir=cache))
     settings = GuardSettings(
-        base_model=base_model,
+        base_model=local_model(base_model, cfg.work_dir),
         train=section.train,
         max_length=section.max_length,
         eval_batch_size=section.eval_batch_size,

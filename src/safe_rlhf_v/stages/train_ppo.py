@@ -21,7 +21,7 @@ import mlflow
 from safe_rlhf_v import tracking
 from safe_rlhf_v.config import PipelineConfig, PPOVariant
 from safe_rlhf_v.data.sources import load_split
-from safe_rlhf_v.stages.common import RESULT_FILE, StageResult, staged_output, write_json
+from safe_rlhf_v.stages.common import RESULT_FILE, StageResult, local_model, staged_output, write_json
 from safe_rlhf_v.stages.lineage import dataset_digests, model_digest, validated_dataset_uri, write_lineage
 from safe_rlhf_v.stages.train_score import checkpoint_dir
 from safe_rlhf_v.train.distributed import init_distributed
@@ -51,11 +51,11 @@ def run(
     pipeline_run_id = pipeline_run_id or f"local-{uuid.uuid4().hex[:12]}"
     policy = base_model or cfg.base_model
     models = PPOModels(
-        actor=policy,
-        reward=reward_model,
-        cost=cost_model,
-        reward_critic=section.reward_critic_model or reward_model,
-        cost_critic=section.cost_critic_model or cost_model,
+        actor=local_model(policy, cfg.work_dir),
+        reward=local_model(reward_model, cfg.work_dir),
+        cost=local_model(cost_model, cfg.work_dir),
+        reward_critic=local_model(section.reward_critic_model or reward_model, cfg.work_dir),
+        cost_critic=local_model(section.cost_critic_model or cost_model, cfg.work_dir),
     )
     digests = dataset_digests(data_uri)
     cache = Path(cfg.work_dir) / "cache" / "data"

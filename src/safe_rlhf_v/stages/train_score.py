@@ -23,7 +23,7 @@ import mlflow
 from safe_rlhf_v import tracking
 from safe_rlhf_v.config import PipelineConfig, ScoreStageConfig
 from safe_rlhf_v.data.sources import load_split
-from safe_rlhf_v.stages.common import RESULT_FILE, StageResult, staged_output, write_json
+from safe_rlhf_v.stages.common import RESULT_FILE, StageResult, local_model, staged_output, write_json
 from safe_rlhf_v.stages.lineage import dataset_digests, model_digest, validated_dataset_uri, write_lineage
 from safe_rlhf_v.train.cost import CostObjective
 from safe_rlhf_v.train.distributed import init_distributed
@@ -65,7 +65,7 @@ def run(
     cache = Path(cfg.work_dir) / "cache" / "data"
     splits = {split: load_split(validated_dataset_uri(data_uri), split, cache_dir=cache) for split in digests}
     settings = PreferenceSettings(
-        base_model=base_model,
+        base_model=local_model(base_model, cfg.work_dir),
         train=section.train,
         max_length=section.max_length,
         eval_batch_size=section.eval_batch_size,

@@ -125,6 +125,7 @@ def run(
                 status="succeeded" if report.success else "failed",
                 metrics=_metrics(report),
                 outputs={"validated": out_uri, "data_docs": f"{out_uri}/data_docs/index.html"},
+                details={"source_uri": data_uri},
                 mlflow_run_id=mlrun.info.run_id,
                 pipeline_run_id=pipeline_run_id,
             )
