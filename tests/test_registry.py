@@ -271,6 +271,7 @@ def test_register_component_runs_the_stage_under_the_pipeline_run(
 
     output = register_component.python_func(
         config_json=cfg.model_dump_json(),
+        cost_budget=cfg.train_ppo_lag.lagrangian.threshold,
         pipeline_run_id="run-1",
         policy=model("policy_uri"),
         reward_model=model("reward_uri"),
