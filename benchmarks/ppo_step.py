@@ -7,8 +7,10 @@ them. The rollout's time is split by wrapping the trainer module's `sample` with
 
 * generate: `sample(...)`, i.e. the processor (image transforms, chat template) and
   `actor.generate` with the KV cache;
-* score: the rest of `rollout()`: actor and reference log-probs, both critics' values, the reward
-  and cost models' scores, each one forward pass over prompt + answer;
+* score: the rest of `rollout()`: one forward pass over prompt + answer per scoring role: the
+  reference's log-probs and the reward and cost models' scores, plus whatever the training forward
+  does not supply (the actor's old log-probs by default; with several micro-batches or
+  `update_iters > 1` also both critics' values);
 * train: `train_step()`: advantages, the lambda update, and per micro-batch one actor and two
   critic updates (forward, backward, optimizer step);
 * data: fetching the step's prompt rows (PNG decoding), as `train()` does before `rollout()`.
@@ -139,6 +141,9 @@ class Report:
     forced_length: bool
     zero_stage: int
     precision: str
+    old_log_probs_from: str
+    reuses_training_forward: bool
+    sampling_cpu_threads: int | None
     steps: int
     warmup: int
     mean: dict[str, float]
@@ -183,6 +188,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="let EOS end answers before --max-new-tokens (default: force exactly that many)",
     )
     parser.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3))
+    parser.add_argument(
+        "--old-log-probs-from",
+        choices=("rollout", "training-forward"),
+        help="where the actor's old log-probs come from (default: the stage's, rollout)",
+    )
+    parser.add_argument(
+        "--sampling-cpu-threads",
+        type=int,
+        metavar="N",
+        help="torch threads while sampling on a CPU, 0 for torch's own count (default: the stage's, 1)",
+    )
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
@@ -224,6 +240,8 @@ def _resolve_settings(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--warmup must be 0 or more, got {args.warmup}")
     if args.prompts % args.micro_batch:
         parser.error(f"--prompts {args.prompts} must be a multiple of --micro-batch {args.micro_batch}")
+    if args.sampling_cpu_threads is not None and args.sampling_cpu_threads < 0:
+        parser.error(f"--sampling-cpu-threads must be 0 or more, got {args.sampling_cpu_threads}")
 
 
 def _spec_overrides(args: argparse.Namespace) -> dict[str, int]:
@@ -267,11 +285,17 @@ def build_models(root: Path, records: list[dict[str, Any]], spec: TinyVLMSpec, s
 
 
 def stage_config(args: argparse.Namespace) -> PPOStageConfig:
-    """The stage's defaults, with the benchmark's batch geometry, length, ZeRO stage and precision.
+    """The stage's defaults, with the benchmark's batch geometry, length, ZeRO stage and precision,
+    and the two speed settings when given.
 
     Frozen roles follow the trained ones into ZeRO-3 (partitioned) and stay whole otherwise.
     """
     defaults = PPOStageConfig()
+    speed: dict[str, Any] = {}
+    if args.old_log_probs_from is not None:
+        speed["old_log_probs_from"] = args.old_log_probs_from
+    if args.sampling_cpu_threads is not None:
+        speed["sampling_cpu_threads"] = args.sampling_cpu_threads or None
     train = {
         "per_device_batch_size": args.micro_batch,
         "zero_stage": args.zero_stage,
@@ -287,6 +311,7 @@ def stage_config(args: argparse.Namespace) -> PPOStageConfig:
             "prompt_batch_size": args.prompts,
             "frozen_zero_stage": 3 if args.zero_stage == 3 else 0,
         }
+        | speed
     )
 
 
@@ -445,6 +470,9 @@ def run(args: argparse.Namespace, root: Path) -> Report:
         forced_length=not args.natural_length,
         zero_stage=args.zero_stage,
         precision="bf16" if trainer.roles.actor.dtype == torch.bfloat16 else "fp32",
+        old_log_probs_from=trainer.cfg.old_log_probs_from,
+        reuses_training_forward=trainer.reuse_training_forward,
+        sampling_cpu_threads=trainer.cfg.sampling_cpu_threads,
         steps=len(measured),
         warmup=args.warmup,
         mean=mean,
@@ -458,6 +486,15 @@ def run(args: argparse.Namespace, root: Path) -> Report:
         peak_memory_kind="torch.cuda.max_memory_allocated" if cuda else "process peak RSS (ru_maxrss)",
         per_step=[dataclasses.asdict(t) | {"total": t.total} for t in measured],
     )
+
+
+def reuse_line(r: Report) -> str:
+    """Which old scores the training forward supplies instead of a scoring pass in the rollout."""
+    if not r.reuses_training_forward:
+        return "old log-probs and values from scoring passes in the rollout"
+    if r.old_log_probs_from == "rollout":
+        return "critics' old values from their training forward, actor's old log-probs from the rollout"
+    return "old log-probs and values from the training forward (two autograd graphs at the peak)"
 
 
 def format_report(r: Report, reference: bool) -> str:
@@ -480,6 +517,7 @@ def format_report(r: Report, reference: bool) -> str:
         f"setup         {r.prompts_per_step} prompts/step, micro-batch {r.micro_batch}, "
         f"{r.max_new_tokens} new tokens ({length}), ZeRO-{r.zero_stage}, {r.precision}, "
         f"{r.steps} steps measured after {r.warmup} warmup",
+        f"work order    {reuse_line(r)}; sampling on {r.sampling_cpu_threads or 'all'} CPU thread(s)",
         "seconds/step",
         *(row(name) for name in PARTS),
         f"samples/s     {r.samples_per_s:.2f} (mean step), {r.best_samples_per_s:.2f} (best step)",

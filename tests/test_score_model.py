@@ -265,3 +265,30 @@ def test_head_initialisation() -> None:
     assert head.bias.detach().tolist() == [0.0]
     # 256 draws estimate the std within a few percent; 1/sqrt(257) = 0.0624.
     assert float(head.weight.detach().std()) == pytest.approx(1 / (hidden + 1) ** 0.5, rel=0.15)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_zero3_partitioned_heads_are_initialised_and_loaded(
+    reward: ScoreModel, model_dir: Path, tmp_path: Path
+) -> None:
+    """Under `deepspeed.zero.Init` the head is partitioned (empty) as soon as it is built: loading the
+    saved head and the fresh-head initialisation must still reach its values."""
+    import deepspeed
+
+    from safe_rlhf_v.config import TrainConfig
+    from safe_rlhf_v.train.distributed import init_distributed, model_init_context, train_ds_config
+
+    saved = tmp_path / "reward"
+    reward.save(saved)
+    init_distributed()
+    with model_init_context(train_ds_config(TrainConfig(zero_stage=3), world_size=1, device="cpu")):
+        critic = ScoreModel.load(saved, kind="critic")
+        fresh = ScoreModel.from_base(model_dir, "cost")
+    heads = [*critic.score_head.parameters(), *fresh.score_head.parameters()]
+    assert all(param.numel() == 0 for param in heads)
+    with deepspeed.zero.GatheredParameters(heads):
+        torch.testing.assert_close(critic.score_head.weight, reward.score_head.weight, atol=0, rtol=0)
+        torch.testing.assert_close(critic.score_head.bias, reward.score_head.bias, atol=0, rtol=0)
+        # nn.Linear's own init draws a non-zero bias; the score head's initialisation zeroes it.
+        assert fresh.score_head.bias.tolist() == [0.0]
+        assert float(fresh.score_head.weight.detach().abs().sum()) > 0

@@ -4,6 +4,7 @@ Each rank starts from a differently seeded MLP and sees its own half of a fixed 
 ranks only agree at the end if DeepSpeed broadcast the initial weights and averaged the gradients.
 After training it saves a checkpoint, resumes it into a fresh Engine and reports, per rank:
 `rank<R>.safetensors` (trained weights) and `rank<R>.json` (global losses, resume results).
+Arguments: the output folder and the ZeRO stage.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ def weights(engine: Engine) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in engine.module.state_dict().items()}
 
 
-def main(out: Path) -> None:
+def main(out: Path, zero_stage: int) -> None:
     info = init_distributed()
     cfg = TrainConfig(
-        zero_stage=2,
+        zero_stage=zero_stage,
         per_device_batch_size=BATCH,
         learning_rate=3e-2,
         lr_scheduler="constant_with_warmup",
@@ -79,4 +80,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), int(sys.argv[2]))

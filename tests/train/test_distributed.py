@@ -122,7 +122,14 @@ def test_train_ds_config_from_train_config() -> None:
     assert "bf16" not in ds  # precision "auto" trains a CPU in fp32
     assert ds["optimizer"] == {
         "type": "AdamW",
-        "params": {"lr": 1e-3, "betas": [0.8, 0.9], "eps": 1e-8, "weight_decay": 0.1, "torch_adam": True},
+        "params": {
+            "lr": 1e-3,
+            "betas": [0.8, 0.9],
+            "eps": 1e-8,
+            "weight_decay": 0.1,
+            "torch_adam": True,
+            "fused": True,  # torch's fused AdamW runs on CPUs too
+        },
     }
 
 
@@ -251,6 +258,35 @@ def test_lr_schedule_warms_up_then_decays(
         run_steps(engine, data, range(step, step + 1))
         seen[engine.global_step] = engine.lr
     assert {k: seen[k] for k in expected} == pytest.approx(expected, abs=1e-9)
+
+
+def test_one_process_at_zero0_skips_the_all_reduce_and_trains_like_plain_torch(
+    dist: DistInfo, data: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    """Alone at ZeRO-0, DeepSpeed's all-reduce would only copy the gradients: without it the engine
+    takes exactly the steps of fused AdamW with global-norm clipping in plain PyTorch."""
+    cfg = config(max_grad_norm=0.05, weight_decay=0.01)  # a small norm, so clipping really acts
+    seed_everything(0, dist.rank)
+    model = mlp()
+    plain = mlp()
+    plain.load_state_dict(model.state_dict())
+    engine = Engine(model, cfg, total_steps=5)
+    assert engine.ds.enable_backward_allreduce is False
+    assert engine.ds.optimizer.param_groups[0]["fused"] is True
+    optimizer = torch.optim.AdamW(
+        plain.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, fused=True
+    )
+    x, y = data
+    for step in range(5):
+        rows = slice(step * BATCH, (step + 1) * BATCH)
+        engine.backward_and_step(nn.functional.mse_loss(engine(x[rows]), y[rows]))
+        nn.functional.mse_loss(plain(x[rows]), y[rows]).backward()
+        assert float(nn.utils.clip_grad_norm_(plain.parameters(), cfg.max_grad_norm)) > cfg.max_grad_norm
+        optimizer.step()
+        optimizer.zero_grad()
+    assert max_diff(params(engine.module), params(plain)) < 1e-6
+    # ZeRO-2 moves gradients into its partitions inside that same call, so it keeps it.
+    assert Engine(mlp(), config(zero_stage=2), total_steps=1).ds.enable_backward_allreduce is True
 
 
 def test_zero2_trains_only_unfrozen_parameters(
@@ -447,11 +483,12 @@ def test_checkpoint_policy_and_pruning_of_old_incomplete_and_abandoned_ones(
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-2", "step-3"]
 
 
-def test_torchrun_two_ranks_train_in_sync_and_resume(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stage", [0, 2])  # ZeRO-0 all-reduces in the engine, ZeRO-2 in its optimizer
+def test_torchrun_two_ranks_train_in_sync_and_resume(tmp_path: Path, stage: int) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     rendezvous = f"--master_addr 127.0.0.1 --master_port {find_free_port()}"
     launcher = f"-m torch.distributed.run --nproc_per_node 2 {rendezvous}"
-    command = [sys.executable, *launcher.split(), str(WORKER), str(tmp_path)]
+    command = [sys.executable, *launcher.split(), str(WORKER), str(tmp_path), str(stage)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

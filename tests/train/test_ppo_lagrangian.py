@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 from pathlib import Path
 
 import pytest
@@ -153,3 +155,169 @@ def test_ptx_loss_joins_the_actor_update(tmp_path: Path, models: PPOModels, demo
     )
     metrics = run.train()
     assert metrics["ptx_loss"] > 0 and torch.isfinite(torch.tensor(metrics["ptx_loss"]))
+
+
+def _rows(run: PPOLagrangianTrainer, count: int) -> list[dict[str, object]]:
+    return [run.prompts[i] for i in range(count)]
+
+
+def _trained_weights(run: PPOLagrangianTrainer) -> dict[str, torch.Tensor]:
+    return {f"{role}.{name}": param.detach().clone() for role, engine in run.roles.trained().items()
+            for name, param in engine.module.named_parameters()}  # fmt: skip
+
+
+@pytest.mark.parametrize("old_log_probs_from", ["rollout", "training-forward"])
+def test_reusing_the_training_forward_matches_the_separate_scoring_passes(
+    tmp_path: Path, models: PPOModels, demo_data: Path, old_log_probs_from: str
+) -> None:
+    """One update of one micro-batch: old values (and log-probs) read from the training forward give
+    the same losses and the same parameter updates as the separate scoring passes."""
+    cfg = config(-50.0).model_copy(update={"old_log_probs_from": old_log_probs_from})
+    no_warmup = {"warmup_ratio": 0.0}  # so the first optimizer step already moves the weights
+    cfg = cfg.model_copy(
+        update={
+            "actor": cfg.actor.model_copy(update=no_warmup),
+            "critic": cfg.critic.model_copy(update=no_warmup),
+        }
+    )
+    separate, _ = trainer(cfg, models, demo_data, tmp_path / "separate")
+    reusing, _ = trainer(cfg, models, demo_data, tmp_path / "reusing")
+    assert reusing.reuse_training_forward, "the tiny model has no dropout and the config one micro-batch"
+    separate.reuse_training_forward = False
+    before = _trained_weights(separate)
+    assert all(torch.equal(before[k], v) for k, v in _trained_weights(reusing).items())
+
+    torch.manual_seed(0)
+    scored = separate.rollout(_rows(separate, 2))
+    torch.manual_seed(0)
+    own = reusing.rollout(_rows(reusing, 2))  # what the trainer leaves out of its own rollout
+    assert scored.has_critic_values and not own.has_critic_values
+    assert (own.old_log_probs is not None) == (old_log_probs_from == "rollout")
+    kept = scored.old_log_probs if old_log_probs_from == "rollout" else None
+    lean = dataclasses.replace(scored, old_log_probs=kept, reward_values=None, cost_values=None)
+
+    expected = separate.train_step(scored)
+    metrics = reusing.train_step(lean)
+    assert metrics.keys() == expected.keys()
+    assert metrics == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert metrics["clip_fraction"] == 0.0  # first update: ratio exactly 1 on both paths
+    after, reference = _trained_weights(reusing), _trained_weights(separate)
+    moved = {k for k in before if not torch.equal(before[k], reference[k])}
+    assert {k.split(".")[0] for k in moved} == {"actor", "reward_critic", "cost_critic"}
+    for key in before:
+        torch.testing.assert_close(after[key], reference[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_a_rollout_without_critic_values_needs_a_single_update(
+    tmp_path: Path, models: PPOModels, demo_data: Path
+) -> None:
+    run, _ = trainer(config(-50.0), models, demo_data, tmp_path / "ckpt")
+    torch.manual_seed(0)
+    lean = run.rollout(_rows(run, 2))
+    run.cfg = run.cfg.model_copy(update={"update_iters": 2})
+    with pytest.raises(
+        ValueError, match="without the critics' values needs update_iters=1 and one micro-batch"
+    ):
+        run.train_step(lean)
+    half = dataclasses.replace(lean, reward_values=torch.zeros_like(lean.response_mask))
+    with pytest.raises(ValueError, match="holds reward_values but not the other critic's values"):
+        run.train_step(half)
+    with pytest.raises(ValueError, match=r"lacks \['reward_values', 'cost_values'\]"):
+        lean.trained_role_scores()
+
+
+@pytest.mark.parametrize(
+    ("change", "reuse"),
+    [
+        ({}, True),
+        ({"update_iters": 2}, False),
+        ({"prompt_batch_size": 4}, False),  # two micro-batches of 2: the second sees an updated actor
+    ],
+)
+def test_the_training_forward_is_reused_only_for_one_update_of_one_micro_batch(
+    tmp_path: Path, models: PPOModels, demo_data: Path, change: dict[str, int], reuse: bool
+) -> None:
+    run, _ = trainer(config(-50.0).model_copy(update=change), models, demo_data, tmp_path / "ckpt")
+    assert run.reuse_training_forward is reuse
+    torch.manual_seed(0)
+    rollout = run.rollout(_rows(run, run.cfg.prompt_batch_size))
+    assert rollout.has_critic_values is not reuse
+    assert rollout.old_log_probs is not None  # old_log_probs_from defaults to a rollout pass
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # DeepSpeed's ZeRO-3 calls deprecated collectives
+@pytest.mark.parametrize("old_log_probs_from", ["rollout", "training-forward"])
+def test_zero3_actor_and_critics_start_from_the_saved_heads_and_train(
+    tmp_path: Path, models: PPOModels, demo_data: Path, old_log_probs_from: str
+) -> None:
+    import deepspeed
+    from safetensors.torch import load_file
+
+    from safe_rlhf_v.models.score import HEAD_FILE
+
+    stage3 = {"zero_stage": 3, "per_device_batch_size": 2, "learning_rate": 1e-4, "precision": "fp32"}
+    cfg = config(-50.0).model_copy(update={"frozen_zero_stage": 3, "old_log_probs_from": old_log_probs_from})
+    cfg = cfg.model_copy(
+        update={"actor": cfg.actor.model_copy(update=stage3), "critic": cfg.critic.model_copy(update=stage3)}
+    )
+    run, history = trainer(cfg, models, demo_data, tmp_path / "ckpt")
+    critics = {"reward_critic": models.reward_critic, "cost_critic": models.cost_critic}
+    for name, folder in critics.items():
+        head = run.roles.trained()[name].module.score_head
+        assert all(p.numel() == 0 for p in head.parameters())  # partitioned at construction
+        saved = load_file(Path(folder) / HEAD_FILE)
+        with deepspeed.zero.GatheredParameters(list(head.parameters())):
+            assert torch.equal(head.weight.detach(), saved["weight"]), name
+            assert torch.equal(head.bias.detach(), saved["bias"]), name
+    before = run.roles.actor.state_dict_for_save()
+    metrics = run.train()
+    assert [m["train/lambda"] for m in history][-1] > 1.0  # J_C above the budget raises lambda
+    for key in ("actor_loss", "reward_critic_loss", "cost_critic_loss"):
+        assert math.isfinite(metrics[key]), key
+    after = run.roles.actor.state_dict_for_save()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the partitioned actor learned"
+
+
+def test_sampling_runs_on_the_configured_cpu_threads(tiny_model: Path, demo_data: Path) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    from safe_rlhf_v.train.rollout import sample
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model).eval()
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    rows = [load_split(str(demo_data), "train")[i] for i in range(2)]
+    images, questions = [r["image"] for r in rows], [r["question"] for r in rows]
+    seen: list[int] = []
+    generate = model.generate
+
+    def counting_generate(**kwargs: object) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return generate(**kwargs)
+
+    model.generate = counting_generate
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for threads in (1, None):
+            sample(model, processor, images, questions, max_new_tokens=2, temperature=1.0, top_p=1.0,
+                   device=torch.device("cpu"), dtype=torch.float32, cpu_threads=threads)  # fmt: skip
+        assert seen == [1, 2]
+        assert torch.get_num_threads() == 2, "the caller's thread count is restored"
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_a_forward_pass_with_dropout_cannot_stand_in_for_another() -> None:
+    from transformers import LlamaConfig, LlamaModel
+
+    from safe_rlhf_v.train.rollout import stochastic_forward
+
+    def llama(**dropout: float) -> LlamaModel:
+        config = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=2, **dropout)  # fmt: skip
+        return LlamaModel(config)
+
+    assert not stochastic_forward(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.0)))
+    assert stochastic_forward(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1)))
+    assert not stochastic_forward(llama())
+    assert stochastic_forward(llama(attention_dropout=0.1))  # functional: no Dropout module shows it

@@ -17,13 +17,13 @@ the folder alone is enough to score new data.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final, Literal, get_args
+from typing import Any, Final, Literal, NamedTuple, get_args
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -48,9 +48,12 @@ VISION_TOWER_NAMES: Final = ("vision_tower", "visual")
 PROJECTOR_NAMES: Final = ("multi_modal_projector", "visual.merger")
 
 
-@dataclass(frozen=True)
-class ScoreOutput:
-    """Per-token scores (critics) and the sequence score at each row's last real token."""
+class ScoreOutput(NamedTuple):
+    """Per-token scores (critics) and the sequence score at each row's last real token.
+
+    A named tuple rather than a dataclass: DeepSpeed's ZeRO-3 hooks look for the tensors in a
+    module's output, and they only see into tuples, lists and dicts.
+    """
 
     scores: torch.Tensor
     end_scores: torch.Tensor
@@ -69,6 +72,26 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"attention_mask rows {empty.tolist()} have no real token to read a score from")
     positions = torch.arange(real.size(1), device=real.device).expand_as(real)
     return positions.masked_fill(~real, -1).amax(dim=1)
+
+
+@contextlib.contextmanager
+def writable_parameters(module: torch.nn.Module) -> Iterator[None]:
+    """Make `module`'s parameters whole for writing (initialising, loading) inside the block.
+
+    Under DeepSpeed ZeRO-3 (`deepspeed.zero.Init`) a parameter is partitioned as soon as its module
+    is built, so its local tensor is empty and writing to it fails or does nothing. DeepSpeed's
+    `GatheredParameters` with `modifier_rank=0` gathers them, and on exit re-partitions rank 0's
+    values to every rank. Without partitioned parameters this does nothing, and DeepSpeed, whose
+    import picks the accelerator, is not imported.
+    """
+    partitioned = [param for param in module.parameters() if hasattr(param, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed  # already loaded: only it puts ds_id on parameters
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
+        yield
 
 
 def _check_kind(kind: str) -> None:
@@ -157,8 +180,9 @@ class ScoreModel(torch.nn.Module):
         # backbone's final norm keeping hidden features near unit scale, initial scores are O(1), so
         # the sigmoid in the preference losses starts unsaturated. A zero bias starts the model
         # without a preferred sign, which matters for the cost model, where the sign means harmful.
-        torch.nn.init.normal_(self.score_head.weight, std=1 / math.sqrt(hidden_size + 1))
-        torch.nn.init.zeros_(self.score_head.bias)
+        with writable_parameters(self.score_head):
+            torch.nn.init.normal_(self.score_head.weight, std=1 / math.sqrt(hidden_size + 1))
+            torch.nn.init.zeros_(self.score_head.bias)
 
     @property
     def sign_convention(self) -> str:
@@ -224,7 +248,7 @@ class ScoreModel(torch.nn.Module):
         head = load_file(folder / HEAD_FILE)
         if set(head) != {"weight", "bias"}:
             raise ValueError(f"{folder / HEAD_FILE} must hold 'weight' and 'bias', found {sorted(head)}")
-        with torch.no_grad():
+        with torch.no_grad(), writable_parameters(model.score_head):
             model.score_head.weight.copy_(head["weight"])
             model.score_head.bias.copy_(head["bias"])
         model.prepare_training(

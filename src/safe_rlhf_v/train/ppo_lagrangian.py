@@ -12,6 +12,17 @@ initialised from the reward and cost models unless configured otherwise). One st
 4. actor update on `(A_r - lambda A_c) / (1 + lambda)` with the clipped surrogate (plus the PTX loss
    when configured), then the two clipped critic updates.
 
+With one update of one micro-batch per rollout (`update_iters: 1`, `prompt_batch_size` equal to the
+actor's `per_device_batch_size`, the reference settings) and no dropout, the actor's old log-probs and
+the critics' old values equal what their first training forward computes: nothing has updated the
+weights since the rollout. The trainer then reads the critics' values from that forward instead of
+two scoring passes: each critic runs forward, GAE, backward and step in turn (its loss needs only its
+own values and the shaped signal), then the actor updates with both critics' advantages. With
+`old_log_probs_from: training-forward` the actor's old log-probs come from its training forward too,
+one pass fewer; that forward runs first and its graph stays alive during the critic updates, so two
+autograd graphs are alive at the peak instead of one. The losses, GAE and lambda update are the same
+on every path.
+
 Variants (ablations through config): `reward-only` (lambda fixed at 0, no cost critic) and
 `fixed-lambda` (lambda stays at its initial value).
 """
@@ -55,12 +66,28 @@ from safe_rlhf_v.train.losses import (
     ppo_actor_loss,
     shaped_rewards,
 )
-from safe_rlhf_v.train.rollout import Rollout, response_logits, response_values, sample, token_log_probs
+from safe_rlhf_v.train.rollout import (
+    Rollout,
+    response_logits,
+    response_values,
+    sample,
+    stochastic_forward,
+    token_log_probs,
+)
 
 log = get_logger(__name__)
 MetricsSink = Callable[[dict[str, float], int], None]
 STATE_DIR = "state"
 PTX_MAX_LENGTH = 4096  # PTX rows are instruction data: their prompts plus answers fit well inside this
+
+
+@dataclass(frozen=True)
+class Signals:
+    """What a step reports beyond the losses: per-token KL and both advantages, (B, T)."""
+
+    kl: torch.Tensor
+    reward_advantages: torch.Tensor
+    cost_advantages: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -199,11 +226,19 @@ class PPOLagrangianTrainer:
         )
         self.emit = sink if (sink is not None and self.dist.rank == 0) else (lambda metrics, step: None)
         self.step = 0
+        self.reuse_training_forward = (
+            cfg.update_iters == 1
+            and cfg.prompt_batch_size == cfg.actor.per_device_batch_size
+            and not any(stochastic_forward(engine.module) for engine in self.roles.trained().values())
+        )
+        """Whether rollouts leave the critics' old values (and with `old_log_probs_from:
+        training-forward` the actor's old log-probs) to the first training forward."""
 
     # --- rollout ------------------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, rows: list[dict[str, Any]]) -> Rollout:
-        """Sample answers for `rows` and score them with every role."""
+        """Sample answers for `rows` and score them with the frozen roles, and with the trained ones
+        unless `reuse_training_forward` leaves (some of) that to the training step."""
         roles, gen = self.roles, self.cfg.generation
         actor = roles.actor.module
         actor.eval()
@@ -218,56 +253,53 @@ class PPOLagrangianTrainer:
             device=self.dist.device,
             dtype=roles.actor.dtype,
             synced_gpus=self.cfg.actor.zero_stage == 3 and self.dist.world_size > 1,
+            cpu_threads=self.cfg.sampling_cpu_threads,
         )
         actor.train()
         tokens = inputs["input_ids"][:, prompt_length:]
-        old = token_log_probs(response_logits(roles.actor, inputs, prompt_length), tokens)
-        ref = token_log_probs(response_logits(roles.reference, inputs, prompt_length), tokens)
-        cost_values = (
-            response_values(roles.cost_critic, inputs, prompt_length)
-            if roles.cost_critic is not None
-            else torch.zeros_like(old)
-        )
-        return Rollout(
+        ref_logits = response_logits(roles.reference, inputs, prompt_length)
+        rollout = Rollout(
             inputs=inputs,
             prompt_length=prompt_length,
             response_mask=mask,
-            old_log_probs=old * mask,
-            ref_log_probs=ref * mask,
-            reward_values=response_values(roles.reward_critic, inputs, prompt_length) * mask,
-            cost_values=cost_values * mask,
+            ref_log_probs=token_log_probs(ref_logits, tokens) * mask,
             rewards=roles.reward_model(**inputs).end_scores.float(),
             costs=roles.cost_model(**inputs).end_scores.float(),
         )
+        reuse = self.reuse_training_forward
+        if not reuse or self.cfg.old_log_probs_from == "rollout":
+            old_logits = response_logits(roles.actor, inputs, prompt_length)
+            rollout.old_log_probs = token_log_probs(old_logits, tokens) * mask
+        if not reuse:
+            rollout.reward_values = response_values(roles.reward_critic, inputs, prompt_length) * mask
+            rollout.cost_values = self._cost_values(rollout)
+        return rollout
+
+    def _cost_values(self, rollout: Rollout) -> torch.Tensor:
+        """The cost critic's values on the response, masked (zeros in the reward-only ablation)."""
+        critic = self.roles.cost_critic
+        if critic is None:
+            return torch.zeros_like(rollout.response_mask)
+        return response_values(critic, rollout.inputs, rollout.prompt_length) * rollout.response_mask
 
     # --- one PPO-Lagrangian step --------------------------------------------------------------
     def train_step(self, rollout: Rollout) -> dict[str, float]:
-        """Advantages, lambda update, actor and critic updates on one rollout batch."""
+        """Lambda update, advantages, actor and critic updates on one rollout batch."""
         cfg, mask = self.cfg, rollout.response_mask
-        kl = rollout.old_log_probs - rollout.ref_log_probs
-        rewards = shaped_rewards(kl, rollout.rewards, mask, cfg.kl_coeff, cfg.clip_range_score, sign=-1.0)
-        costs = shaped_rewards(kl, rollout.costs, mask, cfg.kl_coeff, cfg.clip_range_score, sign=1.0)
-        reward_adv, reward_returns = gae(rewards, rollout.reward_values, mask, cfg.gamma, cfg.gae_lambda)
-        cost_adv, cost_returns = gae(costs, rollout.cost_values, mask, cfg.gamma, cfg.gae_lambda)
-
+        scored = rollout.has_critic_values
+        if not scored and (cfg.update_iters != 1 or rollout.size > cfg.actor.per_device_batch_size):
+            raise ValueError(
+                f"a rollout of {rollout.size} rows without the critics' values needs update_iters=1 and "
+                f"one micro-batch (actor.per_device_batch_size >= {rollout.size}); got "
+                f"update_iters={cfg.update_iters}, per_device_batch_size={cfg.actor.per_device_batch_size}"
+            )
         self.multiplier.record(rollout.costs.tolist())
         expected_cost = all_reduce_mean(self.multiplier.local_mean_cost())
         lam = self.multiplier.update(expected_cost, self.step)
-        advantages = combined_advantage(reward_adv, cost_adv, lam)
-
-        totals: dict[str, float] = {"actor_loss": 0.0, "reward_critic_loss": 0.0, "cost_critic_loss": 0.0,
-                                    "clip_fraction": 0.0, "entropy": 0.0, "ptx_loss": 0.0}  # fmt: skip
-        size = cfg.actor.per_device_batch_size
-        passes = 0
-        for _ in range(cfg.update_iters):
-            for start in range(0, rollout.size, size):
-                rows = slice(start, start + size)
-                part = rollout.slice(rows)
-                totals = _add(
-                    totals, self._update(part, advantages[rows], reward_returns[rows], cost_returns[rows])
-                )
-                passes += 1
-        metrics = {key: value / passes for key, value in totals.items()}
+        if scored:
+            signals, metrics = self._update_on_rollout(rollout, lam)
+        else:
+            signals, metrics = self._update_reusing_forward(rollout, lam)
         lengths = mask.sum(dim=1)
         metrics |= {
             "reward": all_reduce_mean(rollout.rewards.mean()),
@@ -276,47 +308,121 @@ class PPOLagrangianTrainer:
             "J_C": expected_cost,
             "threshold": cfg.lagrangian.threshold,
             "lambda": lam,
-            "kl": all_reduce_mean((kl * mask).sum(dim=1).mean()),
-            "reward_advantage": float(masked_mean(reward_adv, mask)),
-            "cost_advantage": float(masked_mean(cost_adv, mask)),
+            "kl": all_reduce_mean((signals.kl * mask).sum(dim=1).mean()),
+            "reward_advantage": float(masked_mean(signals.reward_advantages, mask)),
+            "cost_advantage": float(masked_mean(signals.cost_advantages, mask)),
             "generated_length": all_reduce_mean(lengths.float().mean()),
             "actor_lr": self.roles.actor.lr,
         }
-        if self.roles.cost_critic is None:
-            metrics.pop("cost_critic_loss")
-        if self.ptx is None:
-            metrics.pop("ptx_loss")
         return metrics
 
-    def _update(
+    def _update_on_rollout(self, rollout: Rollout, lam: float) -> tuple[Signals, dict[str, float]]:
+        """Advantages from the rollout's old log-probs and values, then `update_iters` passes over its
+        micro-batches, each one actor update and one update per critic; returns the mean losses."""
+        old_log_probs, reward_values, cost_values = rollout.trained_role_scores()
+        kl = old_log_probs - rollout.ref_log_probs
+        reward_adv, reward_returns = self._gae(rollout, kl, reward_values, cost=False)
+        cost_adv, cost_returns = self._gae(rollout, kl, cost_values, cost=True)
+        advantages = combined_advantage(reward_adv, cost_adv, lam)
+        critics = (
+            ("reward_critic_loss", self.roles.reward_critic, reward_values, reward_returns),
+            ("cost_critic_loss", self.roles.cost_critic, cost_values, cost_returns),
+        )
+        totals: dict[str, float] = {}
+        size = self.cfg.actor.per_device_batch_size
+        passes = 0
+        for _ in range(self.cfg.update_iters):
+            for start in range(0, rollout.size, size):
+                rows = slice(start, start + size)
+                part = rollout.slice(rows)
+                logits, log_probs = self._actor_forward(part)
+                out = self._actor_update(part, logits, log_probs, old_log_probs[rows], advantages[rows])
+                for name, critic, old_values, returns in critics:
+                    if critic is not None:
+                        values = response_values(critic, part.inputs, part.prompt_length)
+                        out[name] = self._critic_update(critic, part, values, old_values[rows], returns[rows])
+                totals = _add(totals, out)
+                passes += 1
+        return Signals(kl, reward_adv, cost_adv), {key: value / passes for key, value in totals.items()}
+
+    def _update_reusing_forward(self, rollout: Rollout, lam: float) -> tuple[Signals, dict[str, float]]:
+        """One update per critic, then the actor's, with the critics' old values read from their
+        training forward and, when the rollout has none, the actor's old log-probs from its own: that
+        forward then runs first and its graph stays alive while each critic runs forward, backward and
+        step, because the actor's loss needs both critics' advantages."""
+        mask = rollout.response_mask
+        actor_pass = None
+        old_log_probs = rollout.old_log_probs
+        if old_log_probs is None:
+            actor_pass = self._actor_forward(rollout)
+            old_log_probs = actor_pass[1].detach() * mask
+        kl = old_log_probs - rollout.ref_log_probs
+        out: dict[str, float] = {}
+        advantages: dict[str, torch.Tensor] = {}
+        for signal, critic in (("reward", self.roles.reward_critic), ("cost", self.roles.cost_critic)):
+            cost = signal == "cost"
+            if critic is None:  # reward-only: the cost advantage is reported, lambda = 0 leaves it out
+                advantages[signal], _ = self._gae(rollout, kl, torch.zeros_like(mask), cost=cost)
+                continue
+            values = response_values(critic, rollout.inputs, rollout.prompt_length)
+            old_values = values.detach() * mask
+            advantages[signal], returns = self._gae(rollout, kl, old_values, cost=cost)
+            out[f"{signal}_critic_loss"] = self._critic_update(critic, rollout, values, old_values, returns)
+        reward_adv, cost_adv = advantages["reward"], advantages["cost"]
+        combined = combined_advantage(reward_adv, cost_adv, lam)
+        if actor_pass is None:
+            actor_pass = self._actor_forward(rollout)
+        logits, log_probs = actor_pass
+        out |= self._actor_update(rollout, logits, log_probs, old_log_probs, combined)
+        return Signals(kl, reward_adv, cost_adv), out
+
+    def _gae(
+        self, rollout: Rollout, kl: torch.Tensor, values: torch.Tensor, *, cost: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(advantages, returns) of the cost signal (KL charged) or of the reward signal (KL penalised)."""
+        cfg, mask = self.cfg, rollout.response_mask
+        end_scores, sign = (rollout.costs, 1.0) if cost else (rollout.rewards, -1.0)
+        signal = shaped_rewards(kl, end_scores, mask, cfg.kl_coeff, cfg.clip_range_score, sign=sign)
+        return gae(signal, values, mask, cfg.gamma, cfg.gae_lambda)
+
+    def _actor_forward(self, part: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """The actor's response logits and the log-probs of the sampled tokens, with autograd."""
+        logits = response_logits(self.roles.actor, part.inputs, part.prompt_length)
+        return logits, token_log_probs(logits, part.inputs["input_ids"][:, part.prompt_length :])
+
+    def _actor_update(
         self,
         part: Rollout,
+        logits: torch.Tensor,
+        log_probs: torch.Tensor,
+        old_log_probs: torch.Tensor,
         advantages: torch.Tensor,
-        reward_returns: torch.Tensor,
-        cost_returns: torch.Tensor,
     ) -> dict[str, float]:
-        cfg, roles, mask = self.cfg, self.roles, part.response_mask
-        tokens = part.inputs["input_ids"][:, part.prompt_length :]
-        logits = response_logits(roles.actor, part.inputs, part.prompt_length)
-        log_probs = token_log_probs(logits, tokens)
+        """The clipped-surrogate step (then the PTX step when configured), with entropy and clip fraction."""
+        mask = part.response_mask
         actor_loss, clip_fraction = ppo_actor_loss(
-            log_probs, part.old_log_probs, advantages, mask, cfg.clip_range_ratio
+            log_probs, old_log_probs, advantages, mask, self.cfg.clip_range_ratio
         )
         with torch.no_grad():
             probs = torch.softmax(logits.float(), dim=-1)
             entropy = masked_mean(-(probs * torch.log(probs.clamp_min(1e-12))).sum(-1), mask)
-        out = {"actor_loss": self._step(roles.actor, actor_loss), "clip_fraction": float(clip_fraction),
+        out = {"actor_loss": self._step(self.roles.actor, actor_loss), "clip_fraction": float(clip_fraction),
                "entropy": float(entropy)}  # fmt: skip
         if self.ptx is not None:
             out["ptx_loss"] = self._ptx_step()
-        values = response_values(roles.reward_critic, part.inputs, part.prompt_length)
-        loss = critic_loss(values, part.reward_values, reward_returns, mask, cfg.clip_range_value)
-        out["reward_critic_loss"] = self._step(roles.reward_critic, loss)
-        if roles.cost_critic is not None:
-            values = response_values(roles.cost_critic, part.inputs, part.prompt_length)
-            loss = critic_loss(values, part.cost_values, cost_returns, mask, cfg.clip_range_value)
-            out["cost_critic_loss"] = self._step(roles.cost_critic, loss)
         return out
+
+    def _critic_update(
+        self,
+        critic: Engine,
+        part: Rollout,
+        values: torch.Tensor,
+        old_values: torch.Tensor,
+        returns: torch.Tensor,
+    ) -> float:
+        """The clipped value-loss step of one critic on its forward's `values`."""
+        loss = critic_loss(values, old_values, returns, part.response_mask, self.cfg.clip_range_value)
+        return self._step(critic, loss)
 
     def _ptx_step(self) -> float:
         """The supervised PTX loss on a batch of the PTX data, weighted by `ptx_coeff`."""
@@ -437,6 +543,7 @@ def quick_eval(trainer: PPOLagrangianTrainer, prompts: datasets.Dataset, batch_s
                 top_p=gen.top_p,
                 device=trainer.dist.device,
                 dtype=roles.actor.dtype,
+                cpu_threads=trainer.cfg.sampling_cpu_threads,
             )
             rewards.append(roles.reward_model(**inputs).end_scores.float().cpu())
             costs.append(roles.cost_model(**inputs).end_scores.float().cpu())

@@ -6,17 +6,24 @@ infers it from `log_prob != 0`, which mislabels tokens). Token `t` of the respon
 `P + t` and is predicted by the logits at `P + t - 1`; the critics' value of that decision is read
 at the same column. Position ids follow the attention mask, so a left-padded row is scored exactly
 as it was generated.
+
+A rollout may leave the trained roles' numbers empty: both critics' values, and optionally the
+actor's old log-probs too. With one update of one micro-batch per rollout and no dropout, the first
+training forward of each trained role computes exactly those numbers with the same weights, so the
+trainer takes them from there instead of running extra forward passes.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import ProcessorMixin
+from transformers import PretrainedConfig, ProcessorMixin
 
 from safe_rlhf_v.data.collate import render_prompt
 
@@ -28,12 +35,14 @@ class Rollout:
     inputs: dict[str, torch.Tensor]  # input_ids, attention_mask, position_ids, pixel_values, ...
     prompt_length: int  # P: columns [0, P) hold the left-padded prompts
     response_mask: torch.Tensor  # (B, T) float
-    old_log_probs: torch.Tensor  # (B, T) actor at sampling time
     ref_log_probs: torch.Tensor  # (B, T) reference policy
-    reward_values: torch.Tensor  # (B, T) reward critic
-    cost_values: torch.Tensor  # (B, T) cost critic (zeros in the reward-only ablation)
     rewards: torch.Tensor  # (B,) reward model at the last real token
     costs: torch.Tensor  # (B,) cost model at the last real token
+    # The trained roles' numbers at sampling time; None where the first training forward supplies
+    # them (see the module docstring). The two critics' values are given together or not at all.
+    old_log_probs: torch.Tensor | None = None  # (B, T) actor
+    reward_values: torch.Tensor | None = None  # (B, T) reward critic
+    cost_values: torch.Tensor | None = None  # (B, T) cost critic (zeros in the reward-only ablation)
 
     def slice(self, rows: slice) -> Rollout:
         """A micro-batch of the rollout (rows of every tensor)."""
@@ -51,6 +60,54 @@ class Rollout:
     @property
     def size(self) -> int:
         return int(self.response_mask.shape[0])
+
+    @property
+    def has_critic_values(self) -> bool:
+        """Whether both critics' values are filled in; an error when only one of them is."""
+        if (self.reward_values is None) != (self.cost_values is None):
+            given = "reward_values" if self.cost_values is None else "cost_values"
+            raise ValueError(f"a rollout holds {given} but not the other critic's values: give both or none")
+        return self.reward_values is not None
+
+    def trained_role_scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(old_log_probs, reward_values, cost_values), or an error naming what the rollout lacks."""
+        missing = [name for name in TRAINED_ROLE_FIELDS if getattr(self, name) is None]
+        if missing:
+            raise ValueError(
+                f"this rollout lacks {missing}: it was made for an update that reads them from the "
+                "training forward"
+            )
+        assert self.old_log_probs is not None and self.reward_values is not None
+        assert self.cost_values is not None
+        return self.old_log_probs, self.reward_values, self.cost_values
+
+
+TRAINED_ROLE_FIELDS = ("old_log_probs", "reward_values", "cost_values")
+
+
+def stochastic_forward(model: torch.nn.Module) -> bool:
+    """Whether a training-mode forward pass of `model` draws random numbers: an active dropout
+    module, or a dropout probability in a Hugging Face config (attention dropout is applied
+    functionally, so no module shows it). Two such passes differ, so one cannot stand in for the
+    other."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            return True
+        config = getattr(module, "config", None)
+        if isinstance(config, PretrainedConfig) and _positive_dropout(config.to_dict()):
+            return True
+    return False
+
+
+def _positive_dropout(config: dict[Any, Any]) -> bool:
+    """A `*dropout*` entry above 0 anywhere in a (nested) config dict."""
+    for key, value in config.items():
+        if isinstance(value, dict) and _positive_dropout(value):
+            return True
+        number = isinstance(value, float | int) and not isinstance(value, bool)
+        if "dropout" in str(key) and number and value > 0:
+            return True
+    return False
 
 
 def response_mask(generated: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -79,9 +136,14 @@ def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 def response_logits(
     model: torch.nn.Module, rollout_inputs: dict[str, torch.Tensor], prompt_length: int
 ) -> torch.Tensor:
-    """Logits that predict each response token: columns `P - 1 .. L - 2` of the model's output."""
-    logits = model(**rollout_inputs, use_cache=False).logits
-    return logits[:, prompt_length - 1 : -1]
+    """Logits that predict each response token: columns `P - 1 .. L - 2` of the model's output.
+
+    Only the last `L - P + 1` columns go through the LM head (`logits_to_keep`): the prompt's own
+    next-token logits are never used, and with a real vocabulary they dominate the head's cost.
+    """
+    keep = rollout_inputs["input_ids"].shape[1] - prompt_length + 1
+    logits = model(**rollout_inputs, use_cache=False, logits_to_keep=keep).logits
+    return logits[:, :-1]
 
 
 def response_values(
@@ -89,6 +151,20 @@ def response_values(
 ) -> torch.Tensor:
     """A critic's per-token values of the decisions that produced each response token."""
     return critic(**rollout_inputs).scores[:, prompt_length - 1 : -1].float()
+
+
+@contextlib.contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with `threads` torch intra-op threads, then restore the previous count."""
+    if threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @torch.no_grad()
@@ -104,8 +180,12 @@ def sample(
     device: torch.device,
     dtype: torch.dtype,
     synced_gpus: bool = False,
+    cpu_threads: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], int, torch.Tensor]:
-    """Sample one answer per prompt with the KV cache; returns (inputs, P, response mask)."""
+    """Sample one answer per prompt with the KV cache; returns (inputs, P, response mask).
+
+    On a CPU, `cpu_threads` sets torch's intra-op threads for the call (None: leave them).
+    """
     tokenizer = processor.tokenizer
     prompts = processor(
         images=images,
@@ -115,17 +195,18 @@ def sample(
         return_tensors="pt",
     ).to(device)
     extra = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in prompts.items()}
-    sequences = actor.generate(
-        **extra,
-        do_sample=temperature > 0,
-        temperature=temperature if temperature > 0 else None,
-        top_p=top_p if temperature > 0 else None,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        suppress_tokens=suppressed_tokens(tokenizer),
-        synced_gpus=synced_gpus,
-    )
+    with intra_op_threads(cpu_threads if device.type == "cpu" else None):
+        sequences = actor.generate(
+            **extra,
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None,
+            top_p=top_p if temperature > 0 else None,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            suppress_tokens=suppressed_tokens(tokenizer),
+            synced_gpus=synced_gpus,
+        )
     prompt_length = prompts["input_ids"].shape[1]
     generated = sequences[:, prompt_length:]
     mask = response_mask(generated, tokenizer.eos_token_id)
