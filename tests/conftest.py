@@ -16,6 +16,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import safe_rlhf_v  # noqa: F401  (switches telemetry off before other imports)
 
 
+@pytest.fixture(autouse=True)
+def isolated_mlflow_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI (for child processes), so a test
+    that opens a run in-process would otherwise send every later test's kfp.local tasks to its store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A real S3 HTTP endpoint served by moto on loopback for the whole session."""
