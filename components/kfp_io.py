@@ -42,11 +42,6 @@ def publish_metrics(result: StageResult, metrics) -> None:
         metrics.log_metric(name, float(value))
 
 
-def publish_html(source: Path, html) -> None:
-    """Copy a self-contained HTML page into a KFP HTML artifact (rendered in the UI's visualizations)."""
-    publish_file(source, html)
-
-
 def publish_file(source: Path, artifact) -> None:
     """Copy one file into a KFP artifact (HTML, Markdown, ...) so the UI shows it."""
     Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)

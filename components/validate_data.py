@@ -32,5 +32,5 @@ def validate_data(
         pipeline_run_id=pipeline_run_id,
     )
     kfp_io.publish_metrics(result, metrics)
-    kfp_io.publish_html(Path(validated.path) / "report.html", report)
+    kfp_io.publish_file(Path(validated.path) / "report.html", report)
     return result.to_json()

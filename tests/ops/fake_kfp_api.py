@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from email.parser import BytesParser
 from email.policy import HTTP
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import yaml
+from loopback import LoopbackServer
 
 API = "/apis/v2beta1"
 EPOCH = "1970-01-01T00:00:00Z"
@@ -50,7 +51,7 @@ class Request:
     files: dict[str, bytes] = field(default_factory=dict)
 
 
-class FakeKfpApi:
+class FakeKfpApi(LoopbackServer):
     """In-memory pipelines, versions, experiments, runs and recurring runs behind the v2beta1 routes."""
 
     def __init__(self, token: str | None = None) -> None:
@@ -64,21 +65,7 @@ class FakeKfpApi:
         self.recurring_runs: dict[str, dict[str, Any]] = {}
         self._clock = itertools.count()
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def __enter__(self) -> FakeKfpApi:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(_handler_for(self))
 
     def calls(self, method: str, path: str) -> list[Request]:
         """The recorded requests to one route (path without the `/apis/v2beta1` prefix)."""

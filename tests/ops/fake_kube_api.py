@@ -8,36 +8,23 @@ one repeats), DELETE removes it. Every request is recorded as (method, path, JSO
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from loopback import LoopbackServer
 
 PREFIX = "/apis/trainer.kubeflow.org/v1alpha1/namespaces/"
 
 
-class FakeKubeApi:
+class FakeKubeApi(LoopbackServer):
     """TrainJobs in memory; `statuses` is what successive GETs report as `.status`."""
 
     def __init__(self, statuses: Sequence[dict[str, Any]]) -> None:
         self.statuses = list(statuses)
         self.requests: list[tuple[str, str, dict[str, Any] | None]] = []
         self.objects: dict[str, dict[str, Any]] = {}
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def __enter__(self) -> FakeKubeApi:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(_handler_for(self))
 
     def handle(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[int, dict[str, Any]]:
         self.requests.append((method, path, body))

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
 
+from safe_rlhf_v.config import GenerationConfig
 from safe_rlhf_v.data.collate import render_prompt
 from safe_rlhf_v.train.rollout import suppressed_tokens
 
@@ -27,6 +28,19 @@ class GenerationSettings:
     top_p: float = 1.0
     batch_size: int = 16
     seed: int | None = 0
+
+    @classmethod
+    def from_config(
+        cls, gen: GenerationConfig, *, batch_size: int, seed: int | None = 0
+    ) -> GenerationSettings:
+        """The decoding knobs of a config's `generation` section plus the caller's batch size."""
+        return cls(
+            max_new_tokens=gen.max_new_tokens,
+            temperature=gen.temperature,
+            top_p=gen.top_p,
+            batch_size=batch_size,
+            seed=seed,
+        )
 
 
 class Policy:

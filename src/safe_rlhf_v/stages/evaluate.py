@@ -33,7 +33,7 @@ from safe_rlhf_v.evaluate.judge import PairwiseJudge, judge_records
 from safe_rlhf_v.evaluate.metrics import summarize
 from safe_rlhf_v.evaluate.report import write_report
 from safe_rlhf_v.evaluate.scoring import AnswerScorer, best_device
-from safe_rlhf_v.guardrail import Guardrail, answer_within
+from safe_rlhf_v.guardrail import AnswerVerdict, Guardrail, answer_within
 from safe_rlhf_v.models.judge import GuardJudge
 from safe_rlhf_v.models.policy import GenerationSettings, Policy
 from safe_rlhf_v.stages.common import RESULT_FILE, StageResult, local_model, staged_output, write_json
@@ -71,26 +71,33 @@ def _answers(
     cfg: PipelineConfig, model_dir: str, rows: datasets.Dataset, guard: GuardJudge, device: str
 ) -> tuple[list[str], list[Any], list[list[tuple[str, bool]]]]:
     """One policy's answers, the guard's verdicts on them, and what the guardrail returns for every
-    re-generation budget 0..rounds (read off one guardrail run)."""
-    gen = cfg.evaluate.generation
-    policy = Policy(
-        model_dir,
-        GenerationSettings(
-            max_new_tokens=gen.max_new_tokens,
-            temperature=gen.temperature,
-            top_p=gen.top_p,
-            batch_size=cfg.evaluate.batch_size,
-            seed=cfg.evaluate.seed,
-        ),
-        device=device,
-        trust_remote_code=cfg.trust_remote_code,
+    re-generation budget 0..rounds (read off one guardrail run).
+
+    The guardrail's round 0 judges the given answers, so their verdicts come from the traces; only
+    the answers to requests refused at level 1 (never judged there) go to the guard separately.
+    """
+    settings = GenerationSettings.from_config(
+        cfg.evaluate.generation, batch_size=cfg.evaluate.batch_size, seed=cfg.evaluate.seed
     )
+    policy = Policy(model_dir, settings, device=device, trust_remote_code=cfg.trust_remote_code)
     images, questions = list(rows["image"]), list(rows["question"])
     answers = policy.generate(images, questions)
-    verdicts = guard.judge_answers(images, questions, answers)
     rounds = cfg.guardrail.rounds
     guardrail = Guardrail(policy, guard, rounds=rounds, refuse_severities=cfg.guardrail.refuse_severities)
     traces = guardrail.run(images, questions, answers)
+    refused = [i for i, trace in enumerate(traces) if not trace.attempts]
+    judged = (
+        guard.judge_answers(
+            [images[i] for i in refused], [questions[i] for i in refused], [answers[i] for i in refused]
+        )
+        if refused
+        else []
+    )
+    by_index = dict(zip(refused, judged, strict=True))
+    verdicts = [
+        AnswerVerdict(**trace.attempts[0]["verdict"]) if trace.attempts else by_index[i]
+        for i, trace in enumerate(traces)
+    ]
     budgets = [[answer_within(trace, k, guardrail.refusal) for k in range(rounds + 1)] for trace in traces]
     return answers, verdicts, budgets
 

@@ -28,15 +28,8 @@ def guarded_generate(
     prompts = load_split(data_uri, cfg.data.eval_split, cache_dir=Path(cfg.work_dir) / "cache" / "data")
     if limit is not None:
         prompts = prompts.select(range(min(limit, len(prompts))))
-    gen = section.generation
     policy = Policy(
-        policy_dir,
-        GenerationSettings(
-            max_new_tokens=gen.max_new_tokens,
-            temperature=gen.temperature,
-            top_p=gen.top_p,
-            batch_size=section.batch_size,
-        ),
+        policy_dir, GenerationSettings.from_config(section.generation, batch_size=section.batch_size)
     )
     guardrail = Guardrail(
         policy,
