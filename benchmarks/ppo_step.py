@@ -8,9 +8,9 @@ them. The rollout's time is split by wrapping the trainer module's `sample` with
 * generate: `sample(...)`, i.e. the processor (image transforms, chat template) and
   `actor.generate` with the KV cache;
 * score: the rest of `rollout()`: one forward pass over prompt + answer per scoring role: the
-  reference's log-probs and the reward and cost models' scores, plus whatever the training forward
-  does not supply (the actor's old log-probs by default; with several micro-batches or
-  `update_iters > 1` also both critics' values);
+  reference's log-probs and the reward and cost models' scores, plus the actor's old log-probs with
+  `--old-log-probs-from rollout` and both critics' values with several micro-batches or
+  `update_iters > 1` (by default the sampler's logits and the critics' training forward supply them);
 * train: `train_step()`: advantages, the lambda update, and per micro-batch one actor and two
   critic updates (forward, backward, optimizer step);
 * data: fetching the step's prompt rows (PNG decoding), as `train()` does before `rollout()`.
@@ -190,8 +190,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3))
     parser.add_argument(
         "--old-log-probs-from",
-        choices=("rollout", "training-forward"),
-        help="where the actor's old log-probs come from (default: the stage's, rollout)",
+        choices=("generation", "rollout"),
+        help="where the actor's old log-probs come from (default: the stage's, generation)",
     )
     parser.add_argument(
         "--sampling-cpu-threads",
@@ -489,12 +489,11 @@ def run(args: argparse.Namespace, root: Path) -> Report:
 
 
 def reuse_line(r: Report) -> str:
-    """Which old scores the training forward supplies instead of a scoring pass in the rollout."""
-    if not r.reuses_training_forward:
-        return "old log-probs and values from scoring passes in the rollout"
-    if r.old_log_probs_from == "rollout":
-        return "critics' old values from their training forward, actor's old log-probs from the rollout"
-    return "old log-probs and values from the training forward (two autograd graphs at the peak)"
+    """Where the old log-probs and values come from: scoring passes in the rollout, or the numbers
+    computed anyway (the sampler's logits, the critics' training forward)."""
+    log_probs = "the sampler's logits" if r.old_log_probs_from == "generation" else "a rollout pass"
+    values = "their training forward" if r.reuses_training_forward else "rollout passes"
+    return f"actor's old log-probs from {log_probs}, critics' old values from {values}"
 
 
 def format_report(r: Report, reference: bool) -> str:

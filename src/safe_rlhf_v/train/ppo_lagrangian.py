@@ -12,16 +12,15 @@ initialised from the reward and cost models unless configured otherwise). One st
 4. actor update on `(A_r - lambda A_c) / (1 + lambda)` with the clipped surrogate (plus the PTX loss
    when configured), then the two clipped critic updates.
 
-With one update of one micro-batch per rollout (`update_iters: 1`, `prompt_batch_size` equal to the
-actor's `per_device_batch_size`, the reference settings) and no dropout, the actor's old log-probs and
-the critics' old values equal what their first training forward computes: nothing has updated the
-weights since the rollout. The trainer then reads the critics' values from that forward instead of
-two scoring passes: each critic runs forward, GAE, backward and step in turn (its loss needs only its
-own values and the shaped signal), then the actor updates with both critics' advantages. With
-`old_log_probs_from: training-forward` the actor's old log-probs come from its training forward too,
-one pass fewer; that forward runs first and its graph stays alive during the critic updates, so two
-autograd graphs are alive at the peak instead of one. The losses, GAE and lambda update are the same
-on every path.
+Work saved without changing the maths. The actor's old log-probs come from the logits `generate`
+computed while sampling (`old_log_probs_from: generation`, the default), not from a forward pass of
+their own. With one update of one micro-batch per rollout (`update_iters: 1`, `prompt_batch_size`
+equal to the actor's `per_device_batch_size`, the reference settings) and no dropout, the critics'
+old values equal what their first training forward computes: nothing has updated the weights since
+the rollout. The trainer then reads them from that forward instead of two scoring passes: each critic
+runs forward, GAE, backward and step in turn (its loss needs only its own values and the shaped
+signal), then the actor updates with both critics' advantages, so one autograd graph is alive at a
+time. The losses, GAE and lambda update are the same on every path.
 
 Variants (ablations through config): `reward-only` (lambda fixed at 0, no cost critic) and
 `fixed-lambda` (lambda stays at its initial value).
@@ -231,18 +230,17 @@ class PPOLagrangianTrainer:
             and cfg.prompt_batch_size == cfg.actor.per_device_batch_size
             and not any(stochastic_forward(engine.module) for engine in self.roles.trained().values())
         )
-        """Whether rollouts leave the critics' old values (and with `old_log_probs_from:
-        training-forward` the actor's old log-probs) to the first training forward."""
+        """Whether rollouts leave the critics' old values to their first training forward."""
 
     # --- rollout ------------------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, rows: list[dict[str, Any]]) -> Rollout:
-        """Sample answers for `rows` and score them with the frozen roles, and with the trained ones
-        unless `reuse_training_forward` leaves (some of) that to the training step."""
+        """Sample answers for `rows` and score them with the frozen roles, and with the critics unless
+        `reuse_training_forward` leaves that to the training step."""
         roles, gen = self.roles, self.cfg.generation
         actor = roles.actor.module
         actor.eval()
-        inputs, prompt_length, mask = sample(
+        samples = sample(
             actor,
             roles.processor,
             [r["image"] for r in rows],
@@ -254,23 +252,26 @@ class PPOLagrangianTrainer:
             dtype=roles.actor.dtype,
             synced_gpus=self.cfg.actor.zero_stage == 3 and self.dist.world_size > 1,
             cpu_threads=self.cfg.sampling_cpu_threads,
+            with_log_probs=self.cfg.old_log_probs_from == "generation",
         )
         actor.train()
+        inputs, prompt_length, mask = samples.inputs, samples.prompt_length, samples.response_mask
         tokens = inputs["input_ids"][:, prompt_length:]
+        old_log_probs = samples.log_probs
+        if old_log_probs is None:
+            actor_logits = response_logits(roles.actor, inputs, prompt_length)
+            old_log_probs = token_log_probs(actor_logits, tokens) * mask
         ref_logits = response_logits(roles.reference, inputs, prompt_length)
         rollout = Rollout(
             inputs=inputs,
             prompt_length=prompt_length,
             response_mask=mask,
+            old_log_probs=old_log_probs,
             ref_log_probs=token_log_probs(ref_logits, tokens) * mask,
             rewards=roles.reward_model(**inputs).end_scores.float(),
             costs=roles.cost_model(**inputs).end_scores.float(),
         )
-        reuse = self.reuse_training_forward
-        if not reuse or self.cfg.old_log_probs_from == "rollout":
-            old_logits = response_logits(roles.actor, inputs, prompt_length)
-            rollout.old_log_probs = token_log_probs(old_logits, tokens) * mask
-        if not reuse:
+        if not self.reuse_training_forward:
             rollout.reward_values = response_values(roles.reward_critic, inputs, prompt_length) * mask
             rollout.cost_values = self._cost_values(rollout)
         return rollout
@@ -319,7 +320,8 @@ class PPOLagrangianTrainer:
     def _update_on_rollout(self, rollout: Rollout, lam: float) -> tuple[Signals, dict[str, float]]:
         """Advantages from the rollout's old log-probs and values, then `update_iters` passes over its
         micro-batches, each one actor update and one update per critic; returns the mean losses."""
-        old_log_probs, reward_values, cost_values = rollout.trained_role_scores()
+        old_log_probs = rollout.old_log_probs
+        reward_values, cost_values = rollout.critic_values()
         kl = old_log_probs - rollout.ref_log_probs
         reward_adv, reward_returns = self._gae(rollout, kl, reward_values, cost=False)
         cost_adv, cost_returns = self._gae(rollout, kl, cost_values, cost=True)
@@ -346,16 +348,10 @@ class PPOLagrangianTrainer:
         return Signals(kl, reward_adv, cost_adv), {key: value / passes for key, value in totals.items()}
 
     def _update_reusing_forward(self, rollout: Rollout, lam: float) -> tuple[Signals, dict[str, float]]:
-        """One update per critic, then the actor's, with the critics' old values read from their
-        training forward and, when the rollout has none, the actor's old log-probs from its own: that
-        forward then runs first and its graph stays alive while each critic runs forward, backward and
-        step, because the actor's loss needs both critics' advantages."""
+        """One update per critic, with its old values read from its own training forward, then the
+        actor's, whose loss needs both critics' advantages."""
         mask = rollout.response_mask
-        actor_pass = None
         old_log_probs = rollout.old_log_probs
-        if old_log_probs is None:
-            actor_pass = self._actor_forward(rollout)
-            old_log_probs = actor_pass[1].detach() * mask
         kl = old_log_probs - rollout.ref_log_probs
         out: dict[str, float] = {}
         advantages: dict[str, torch.Tensor] = {}
@@ -370,9 +366,7 @@ class PPOLagrangianTrainer:
             out[f"{signal}_critic_loss"] = self._critic_update(critic, rollout, values, old_values, returns)
         reward_adv, cost_adv = advantages["reward"], advantages["cost"]
         combined = combined_advantage(reward_adv, cost_adv, lam)
-        if actor_pass is None:
-            actor_pass = self._actor_forward(rollout)
-        logits, log_probs = actor_pass
+        logits, log_probs = self._actor_forward(rollout)
         out |= self._actor_update(rollout, logits, log_probs, old_log_probs, combined)
         return Signals(kl, reward_adv, cost_adv), out
 
@@ -533,7 +527,7 @@ def quick_eval(trainer: PPOLagrangianTrainer, prompts: datasets.Dataset, batch_s
         policy.eval()
         for start in range(0, len(table), batch_size):
             rows = [table[i] for i in range(start, min(start + batch_size, len(table)))]
-            inputs, _, _ = sample(
+            samples = sample(
                 policy,
                 roles.processor,
                 [r["image"] for r in rows],
@@ -545,8 +539,8 @@ def quick_eval(trainer: PPOLagrangianTrainer, prompts: datasets.Dataset, batch_s
                 dtype=roles.actor.dtype,
                 cpu_threads=trainer.cfg.sampling_cpu_threads,
             )
-            rewards.append(roles.reward_model(**inputs).end_scores.float().cpu())
-            costs.append(roles.cost_model(**inputs).end_scores.float().cpu())
+            rewards.append(roles.reward_model(**samples.inputs).end_scores.float().cpu())
+            costs.append(roles.cost_model(**samples.inputs).end_scores.float().cpu())
         reward, cost = torch.cat(rewards), torch.cat(costs)
         results |= {
             f"{name}_reward": float(reward.mean()),

@@ -7,10 +7,11 @@ infers it from `log_prob != 0`, which mislabels tokens). Token `t` of the respon
 at the same column. Position ids follow the attention mask, so a left-padded row is scored exactly
 as it was generated.
 
-A rollout may leave the trained roles' numbers empty: both critics' values, and optionally the
-actor's old log-probs too. With one update of one micro-batch per rollout and no dropout, the first
-training forward of each trained role computes exactly those numbers with the same weights, so the
-trainer takes them from there instead of running extra forward passes.
+The actor's old log-probs are, by default, read off the logits `generate` computed while sampling:
+the sampling policy's own probabilities of the tokens it drew, at no extra cost. A rollout may leave
+both critics' values empty: with one update of one micro-batch per rollout and no dropout, each
+critic's first training forward computes exactly those numbers with the same weights, so the trainer
+takes them from there instead of running two more forward passes.
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ class Rollout:
     inputs: dict[str, torch.Tensor]  # input_ids, attention_mask, position_ids, pixel_values, ...
     prompt_length: int  # P: columns [0, P) hold the left-padded prompts
     response_mask: torch.Tensor  # (B, T) float
+    old_log_probs: torch.Tensor  # (B, T) actor at sampling time
     ref_log_probs: torch.Tensor  # (B, T) reference policy
     rewards: torch.Tensor  # (B,) reward model at the last real token
     costs: torch.Tensor  # (B,) cost model at the last real token
-    # The trained roles' numbers at sampling time; None where the first training forward supplies
-    # them (see the module docstring). The two critics' values are given together or not at all.
-    old_log_probs: torch.Tensor | None = None  # (B, T) actor
+    # The critics' values at sampling time; None where their first training forward supplies them
+    # (see the module docstring). The two are given together or not at all.
     reward_values: torch.Tensor | None = None  # (B, T) reward critic
     cost_values: torch.Tensor | None = None  # (B, T) cost critic (zeros in the reward-only ablation)
 
@@ -69,20 +70,15 @@ class Rollout:
             raise ValueError(f"a rollout holds {given} but not the other critic's values: give both or none")
         return self.reward_values is not None
 
-    def trained_role_scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(old_log_probs, reward_values, cost_values), or an error naming what the rollout lacks."""
-        missing = [name for name in TRAINED_ROLE_FIELDS if getattr(self, name) is None]
-        if missing:
+    def critic_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reward_values, cost_values), or an error saying the rollout left them to the training forward."""
+        if not self.has_critic_values:
             raise ValueError(
-                f"this rollout lacks {missing}: it was made for an update that reads them from the "
-                "training forward"
+                "this rollout lacks the critics' values: it was made for an update that reads them from "
+                "the critics' training forward"
             )
-        assert self.old_log_probs is not None and self.reward_values is not None
-        assert self.cost_values is not None
-        return self.old_log_probs, self.reward_values, self.cost_values
-
-
-TRAINED_ROLE_FIELDS = ("old_log_probs", "reward_values", "cost_values")
+        assert self.reward_values is not None and self.cost_values is not None
+        return self.reward_values, self.cost_values
 
 
 def stochastic_forward(model: torch.nn.Module) -> bool:
@@ -167,6 +163,31 @@ def intra_op_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+@dataclass(frozen=True)
+class Samples:
+    """Sampled answers: the full inputs for scoring, the prompt width P, the response mask and, when
+    asked for, the sampling policy's log-probs of the sampled tokens (masked)."""
+
+    inputs: dict[str, torch.Tensor]  # [left-padded prompt | response], position ids, image inputs
+    prompt_length: int
+    response_mask: torch.Tensor  # (B, T) float
+    log_probs: torch.Tensor | None = None  # (B, T)
+
+
+def sampled_log_probs(step_logits: tuple[torch.Tensor, ...], tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token t) under the raw logits `generate` computed at step t, (B, T).
+
+    Raw means before any logits processor (temperature, top-p, suppressed tokens, minimum length): the
+    policy's own distribution, which is what the training forward computes too.
+    """
+    if len(step_logits) != tokens.shape[1]:
+        raise RuntimeError(
+            f"generate returned logits for {len(step_logits)} steps but {tokens.shape[1]} new tokens; "
+            "set old_log_probs_from: rollout to score the answers with a separate pass"
+        )
+    return torch.stack([token_log_probs(logits, tokens[:, t]) for t, logits in enumerate(step_logits)], dim=1)
+
+
 @torch.no_grad()
 def sample(
     actor: torch.nn.Module,
@@ -181,10 +202,14 @@ def sample(
     dtype: torch.dtype,
     synced_gpus: bool = False,
     cpu_threads: int | None = None,
-) -> tuple[dict[str, torch.Tensor], int, torch.Tensor]:
-    """Sample one answer per prompt with the KV cache; returns (inputs, P, response mask).
+    with_log_probs: bool = False,
+) -> Samples:
+    """Sample one answer per prompt with the KV cache.
 
     On a CPU, `cpu_threads` sets torch's intra-op threads for the call (None: leave them).
+    `with_log_probs` also returns the log-probs of the sampled tokens from the logits the sampler
+    computed anyway; `generate` then keeps each step's logits (B x vocabulary floats a token) until
+    it returns.
     """
     tokenizer = processor.tokenizer
     prompts = processor(
@@ -196,7 +221,7 @@ def sample(
     ).to(device)
     extra = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in prompts.items()}
     with intra_op_threads(cpu_threads if device.type == "cpu" else None):
-        sequences = actor.generate(
+        output = actor.generate(
             **extra,
             do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else None,
@@ -206,10 +231,13 @@ def sample(
             eos_token_id=tokenizer.eos_token_id,
             suppress_tokens=suppressed_tokens(tokenizer),
             synced_gpus=synced_gpus,
+            return_dict_in_generate=True,
+            output_logits=with_log_probs,
         )
     prompt_length = prompts["input_ids"].shape[1]
-    generated = sequences[:, prompt_length:]
+    generated = output.sequences[:, prompt_length:]
     mask = response_mask(generated, tokenizer.eos_token_id)
+    log_probs = sampled_log_probs(output.logits, generated) * mask if with_log_probs else None
     generated = generated.masked_fill(mask == 0, tokenizer.pad_token_id)
     attention = torch.cat([prompts["attention_mask"], mask.long()], dim=1)
     inputs = {k: v for k, v in extra.items() if k not in ("input_ids", "attention_mask")}
@@ -218,4 +246,4 @@ def sample(
         "attention_mask": attention,
         "position_ids": position_ids(attention),
     }
-    return inputs, prompt_length, mask
+    return Samples(inputs, prompt_length, mask, log_probs)
