@@ -14,17 +14,8 @@ from PIL import Image
 from transformers import AutoProcessor, ProcessorMixin
 
 from safe_rlhf_v.data.collate import encode_conversations
+from safe_rlhf_v.models.inference import best_device, inference_dtype, model_inputs
 from safe_rlhf_v.models.score import ScoreModel
-
-
-def best_device() -> str:
-    """CUDA when a GPU is visible (in the cluster image), else the CPU."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def inference_dtype(device: str) -> torch.dtype:
-    """bf16 on GPUs (7B models fit beside each other), fp32 on CPUs (where bf16 buys no speed here)."""
-    return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
 class AnswerScorer:
@@ -61,12 +52,6 @@ class AnswerScorer:
                 max_length=self.max_length,
                 min_response_tokens=1,
             )
-            dtype = self.model.score_head.weight.dtype
-            inputs = {
-                key: value.to(self.device, dtype=dtype)
-                if value.is_floating_point()
-                else value.to(self.device)
-                for key, value in encoded.inputs.items()
-            }
+            inputs = model_inputs(encoded.inputs, self.device, self.model.score_head.weight.dtype)
             scores += self.model(**inputs).end_scores.float().cpu().tolist()
         return scores

@@ -16,32 +16,41 @@ from transformers import AutoProcessor, ProcessorMixin
 from safe_rlhf_v.data.collate import encode_conversations, render_prompt
 from safe_rlhf_v.guardrail import AnswerVerdict, QueryVerdict
 from safe_rlhf_v.models.guard import GuardModel, query_severities, query_unsafe_probability
+from safe_rlhf_v.models.inference import best_device, inference_dtype, model_inputs
 
 
 class GuardJudge:
-    """A loaded guard plus its processor, evaluated in batches without gradients."""
+    """A loaded guard plus its processor, evaluated in batches without gradients, on the GPU when
+    there is one, in the device's inference precision (`models.inference`)."""
 
     def __init__(
-        self, guard_dir: str | Path, *, batch_size: int = 16, max_length: int = 2048, device: str = "cpu"
+        self,
+        guard_dir: str | Path,
+        *,
+        batch_size: int = 16,
+        max_length: int = 2048,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        self.guard = GuardModel.load(Path(guard_dir)).to(device).eval()
+        self.device = torch.device(device or best_device())
+        self.dtype = dtype or inference_dtype(self.device)
+        self.guard = GuardModel.load(Path(guard_dir), dtype=self.dtype).to(self.device).eval()
         self.processor: ProcessorMixin = AutoProcessor.from_pretrained(str(guard_dir))
         self.batch_size = batch_size
         self.max_length = max_length
-        self.device = torch.device(device)
 
     @torch.no_grad()
     def judge_queries(self, images: list[Image.Image], questions: list[str]) -> list[QueryVerdict]:
         verdicts: list[QueryVerdict] = []
         for start in range(0, len(questions), self.batch_size):
             chunk = slice(start, start + self.batch_size)
-            inputs = self.processor(
+            encoded = self.processor(
                 images=images[chunk],
                 text=[render_prompt(self.processor, q) for q in questions[chunk]],
                 padding=True,
                 return_tensors="pt",
-            ).to(self.device)
-            logits = self.guard(**inputs).query_logits
+            )
+            logits = self.guard(**model_inputs(encoded, self.device, self.dtype)).query_logits
             for severity, score in zip(
                 query_severities(logits), query_unsafe_probability(logits).tolist(), strict=True
             ):
@@ -63,7 +72,7 @@ class GuardJudge:
                 max_length=self.max_length,
                 min_response_tokens=1,
             )
-            output = self.guard(**{k: v.to(self.device) for k, v in encoded.inputs.items()})
+            output = self.guard(**model_inputs(encoded.inputs, self.device, self.dtype))
             verdicts += [
                 AnswerVerdict(safe=v.safe, severity=v.severity, rating=v.rating, category=v.category)
                 for v in self.guard.verdicts(output)

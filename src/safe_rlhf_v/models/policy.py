@@ -16,6 +16,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMi
 
 from safe_rlhf_v.config import GenerationConfig
 from safe_rlhf_v.data.collate import render_prompt
+from safe_rlhf_v.models.inference import best_device, inference_dtype, model_inputs
 from safe_rlhf_v.train.rollout import suppressed_tokens
 
 
@@ -44,23 +45,29 @@ class GenerationSettings:
 
 
 class Policy:
-    """A Hugging Face image-text-to-text model and its processor, ready to answer questions."""
+    """A Hugging Face image-text-to-text model and its processor, ready to answer questions.
+
+    `device` defaults to the GPU when there is one, `dtype` to the device's inference precision
+    (`models.inference`).
+    """
 
     def __init__(
         self,
         model_dir: str | Path,
         settings: GenerationSettings | None = None,
         *,
-        device: str = "cpu",
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
         trust_remote_code: bool = False,
     ) -> None:
         self.settings = settings or GenerationSettings()
-        self.device = torch.device(device)
+        self.device = torch.device(device or best_device())
+        self.dtype = dtype or inference_dtype(self.device)
         self.processor: ProcessorMixin = AutoProcessor.from_pretrained(
             str(model_dir), trust_remote_code=trust_remote_code
         )
         self.model = AutoModelForImageTextToText.from_pretrained(
-            str(model_dir), trust_remote_code=trust_remote_code
+            str(model_dir), dtype=self.dtype, trust_remote_code=trust_remote_code, use_safetensors=True
         ).to(self.device)
         self.model.eval()
 
@@ -79,9 +86,10 @@ class Policy:
 
     def _generate_batch(self, images: list[Image.Image], questions: list[str]) -> list[str]:
         prompts = [render_prompt(self.processor, question) for question in questions]
-        inputs = self.processor(
+        encoded = self.processor(
             images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt"
-        ).to(self.device)
+        )
+        inputs = model_inputs(encoded, self.device, self.dtype)
         sampling = self.settings.temperature > 0
         tokenizer = self.processor.tokenizer
         output = self.model.generate(

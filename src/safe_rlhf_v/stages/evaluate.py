@@ -32,8 +32,9 @@ from safe_rlhf_v.data.sources import load_split
 from safe_rlhf_v.evaluate.judge import PairwiseJudge, judge_records
 from safe_rlhf_v.evaluate.metrics import summarize
 from safe_rlhf_v.evaluate.report import write_report
-from safe_rlhf_v.evaluate.scoring import AnswerScorer, best_device
+from safe_rlhf_v.evaluate.scoring import AnswerScorer
 from safe_rlhf_v.guardrail import AnswerVerdict, Guardrail, answer_within
+from safe_rlhf_v.models.inference import best_device
 from safe_rlhf_v.models.judge import GuardJudge
 from safe_rlhf_v.models.policy import GenerationSettings, Policy
 from safe_rlhf_v.stages.common import RESULT_FILE, StageResult, local_model, staged_output, write_json
