@@ -268,6 +268,9 @@ class JudgeConfig(StrictModel):
     max_retries: int = Field(default=2, ge=0)
     max_prompts: int = Field(default=200, ge=1)
     """Judged prompts per prompt set (two calls each: both answer orders)."""
+    concurrency: int = Field(default=8, ge=1)
+    """Prompts judged at once (each its two orders in turn): a remote judge answers in seconds, so
+    one at a time would take hours for a few hundred prompts."""
 
 
 class EvaluateConfig(StrictModel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -95,13 +96,22 @@ def server() -> Iterator[JudgeServer]:
     judge_server.close()
 
 
+def judge_config(server: JudgeServer, concurrency: int) -> JudgeConfig:
+    return JudgeConfig(
+        base_url=server.url,
+        model="judge-test",
+        api_key_env=KEY_ENV,
+        max_retries=0,
+        timeout_s=5.0,
+        concurrency=concurrency,
+    )
+
+
 @pytest.fixture
 def judge(server: JudgeServer, monkeypatch: pytest.MonkeyPatch) -> PairwiseJudge:
+    """One prompt at a time, so tests can read the requests in order."""
     monkeypatch.setenv(KEY_ENV, "sk-test-123")
-    cfg = JudgeConfig(
-        base_url=server.url, model="judge-test", api_key_env=KEY_ENV, max_retries=0, timeout_s=5.0
-    )
-    return PairwiseJudge(cfg)
+    return PairwiseJudge(judge_config(server, concurrency=1))
 
 
 def test_parse_choice_accepts_only_the_asked_json() -> None:
@@ -211,3 +221,35 @@ def test_server_errors_name_the_endpoint(
         RuntimeError, match=rf"external judge at {re.escape(server.url)} \(model judge-test\)"
     ):
         judge_records(judge, records[:1])
+
+
+def test_prompts_are_judged_concurrently_with_the_same_counts(
+    server: JudgeServer, monkeypatch: pytest.MonkeyPatch, records: list[dict[str, Any]]
+) -> None:
+    lock = threading.Lock()
+    in_flight = {"now": 0, "peak": 0}
+
+    def slow_fair(body: dict[str, Any]) -> tuple[int, str]:
+        with lock:
+            in_flight["now"] += 1
+            in_flight["peak"] = max(in_flight["peak"], in_flight["now"])
+        time.sleep(0.05)
+        with lock:
+            in_flight["now"] -= 1
+        return fair(body)
+
+    server.responder = slow_fair
+    monkeypatch.setenv(KEY_ENV, "sk-test-123")
+    records[0]["trained"]["answer"] += " GOOD"
+    records[1]["initial"]["answer"] += " GOOD"
+    verdicts, peaks = {}, {}
+    for concurrency in (1, 4):
+        in_flight["peak"] = 0
+        verdicts[concurrency] = judge_records(PairwiseJudge(judge_config(server, concurrency)), records)
+        peaks[concurrency] = in_flight["peak"]
+    n = len(records)  # one win, one loss, the rest ties
+    expected = {"win": 1 / n, "tie": (n - 2) / n, "loss": 1 / n, "n": n, "malformed": 0}
+    assert verdicts[1] == verdicts[4] == {"helpfulness": expected, "harmlessness": expected}
+    assert peaks[1] == 1
+    assert 2 <= peaks[4] <= 4
+    assert len(server.requests) == 2 * 2 * 2 * len(records)  # two runs, two aspects, two orders

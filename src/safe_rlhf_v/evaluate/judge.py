@@ -15,6 +15,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Final, Literal
 
 import openai
@@ -149,17 +150,38 @@ def judge_records(
     judge: PairwiseJudge, records: Iterable[Mapping[str, Any]], aspects: tuple[Aspect, ...] = ASPECTS
 ) -> dict[str, dict[str, Any]]:
     """Per aspect: `win`/`tie`/`loss` shares of the trained over the initial answer, the judged
-    prompts `n` and the `malformed` count left out of them (shares are None when n is 0)."""
+    prompts `n` and the `malformed` count left out of them (shares are None when n is 0).
+
+    Up to `judge.cfg.concurrency` prompts are judged at once; the counts do not depend on the order
+    in which replies arrive. The first failed request stops the rest and is raised.
+    """
     parsed = parse_records(records)
     outcome_names = {"first": "win", "second": "loss", "tie": "tie", None: "malformed"}
     results: dict[str, dict[str, Any]] = {}
+    with ThreadPoolExecutor(max_workers=judge.cfg.concurrency, thread_name_prefix="judge") as pool:
+        pending: dict[Aspect, list[Future[Preference | None]]] = {
+            aspect: [
+                pool.submit(judge.prefer, aspect, r.question, r.trained.answer, r.initial.answer, r.image_png)
+                for r in parsed
+            ]
+            for aspect in aspects
+        }
+        try:
+            preferences = {
+                aspect: [future.result() for future in futures] for aspect, futures in pending.items()
+            }
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
     for aspect in aspects:
-        counts: Counter[str] = Counter()
-        for record in parsed:
-            preference = judge.prefer(
-                aspect, record.question, record.trained.answer, record.initial.answer, record.image_png
-            )
-            counts[outcome_names[preference]] += 1
+        counts = Counter(outcome_names[preference] for preference in preferences[aspect])
+        log.info(
+            "external judge %s, %s: %d prompts judged, %d malformed",
+            judge.cfg.model,
+            aspect,
+            len(parsed) - counts["malformed"],
+            counts["malformed"],
+        )
         judged = counts["win"] + counts["tie"] + counts["loss"]
         results[aspect] = {
             **{name: counts[name] / judged if judged else None for name in ("win", "tie", "loss")},
