@@ -156,6 +156,7 @@ class Report:
     setup_peak_memory_mib: float | None
     peak_memory_kind: str
     per_step: list[dict[str, float]]
+    gflop: dict[str, float] | None  # matrix work of one extra step by part, with --count-flops
 
 
 def _spec_fields() -> list[dataclasses.Field[Any]]:
@@ -173,6 +174,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--steps", type=int, default=10, help="measured steps (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="steps run before measuring (default 2)")
+    parser.add_argument(
+        "--count-flops",
+        action="store_true",
+        help="after the measured steps, count one more step's matrix work (torch.utils.flop_counter)",
+    )
     parser.add_argument("--prompts", type=int, help=f"prompts per step (default {DEFAULTS['prompts']})")
     parser.add_argument(
         "--micro-batch",
@@ -362,6 +368,36 @@ def peak_memory_mib(cuda: bool) -> float:
     return torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mib()
 
 
+def count_step_flops(trainer: PPOLagrangianTrainer, rows: list[dict[str, Any]]) -> dict[str, float]:
+    """GFLOP of one PPO step by part, counted by `torch.utils.flop_counter` (matrix products and
+    attention, forward and backward), with the same split as the timings: `sample` is wrapped the
+    way `SampleTimer` wraps it. The step also trains, so it runs after the measured ones."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from safe_rlhf_v.train import ppo_lagrangian
+
+    sample = ppo_lagrangian.sample
+    counted: dict[str, float] = {}
+
+    def counting_sample(*args: Any, **kwargs: Any) -> Any:
+        with FlopCounterMode(display=False) as inner:
+            result = sample(*args, **kwargs)
+        counted["generate"] = inner.get_total_flops() / 1e9
+        return result
+
+    with (
+        mock.patch.object(ppo_lagrangian, "sample", counting_sample),
+        FlopCounterMode(display=False) as outer,
+    ):
+        rollout = trainer.rollout(rows)  # the outer mode sees the sampler's work too
+    counted["score"] = outer.get_total_flops() / 1e9 - counted["generate"]
+    with FlopCounterMode(display=False) as training:
+        trainer.train_step(rollout)
+    counted["train"] = training.get_total_flops() / 1e9
+    counted["total"] = counted["generate"] + counted["score"] + counted["train"]
+    return counted
+
+
 def run_steps(trainer: PPOLagrangianTrainer, args: argparse.Namespace) -> tuple[list[StepTimes], float]:
     """Run `warmup + steps` PPO steps on batches of the trainer's own shuffled prompts.
 
@@ -431,7 +467,8 @@ def run(args: argparse.Namespace, root: Path) -> Report:
     """Build the data, the six roles and the trainer under `root`, then time the steps."""
     from safe_rlhf_v.train.ppo_lagrangian import PPOLagrangianTrainer
 
-    rows = max(DEMO_TOKENIZER_ROWS, args.prompts * (args.warmup + args.steps))
+    steps = args.warmup + args.steps
+    rows = max(DEMO_TOKENIZER_ROWS, args.prompts * (steps + 1))  # + the --count-flops step
     records = generate_records(rows, seed=args.seed, split="train")
     prompts = to_dataset(records)
     models = build_models(root / "models", records, model_spec(args), args.seed)
@@ -452,6 +489,11 @@ def run(args: argparse.Namespace, root: Path) -> Report:
     roles = trainer.roles
     engines = (roles.reference, roles.reward_model, roles.cost_model, *roles.trained().values())
     measured, setup_peak = run_steps(trainer, args)
+    gflop = None
+    if args.count_flops:
+        order = list(trainer.sampler)
+        batch = order[steps * args.prompts : (steps + 1) * args.prompts]
+        gflop = count_step_flops(trainer, [trainer.prompts[i] for i in batch])
     cuda = args.device == "cuda"
     mean = _by_part(measured, statistics.fmean)
     best = _by_part(measured, min)
@@ -485,6 +527,7 @@ def run(args: argparse.Namespace, root: Path) -> Report:
         setup_peak_memory_mib=None if cuda else setup_peak,
         peak_memory_kind="torch.cuda.max_memory_allocated" if cuda else "process peak RSS (ru_maxrss)",
         per_step=[dataclasses.asdict(t) | {"total": t.total} for t in measured],
+        gflop=gflop,
     )
 
 
@@ -523,6 +566,16 @@ def format_report(r: Report, reference: bool) -> str:
         f"answer length {r.mean_generated_length:.1f} tokens on average",
         f"peak memory   {r.peak_memory_mib:,.0f} MiB ({r.peak_memory_kind}{setup})",
     ]
+    if r.gflop is not None:
+        parts = ("generate", "score", "train")
+        lines += [
+            "matrix work   "
+            + " + ".join(f"{part} {r.gflop[part]:.1f}" for part in parts)
+            + f" = {r.gflop['total']:.1f} GFLOP a step (one extra step, torch.utils.flop_counter)",
+            "rate          "
+            + ", ".join(f"{part} {r.gflop[part] / r.mean[part]:.0f}" for part in (*parts, "total"))
+            + " GFLOP/s at the mean times",
+        ]
     if reference:
         goal = REFERENCE.seconds_per_step / REFERENCE.speedup_goal
         memory_limit_mib = REFERENCE.peak_memory_gb * 1e9 / 2**20
