@@ -448,3 +448,84 @@ def test_rejected_credentials_are_explained_without_the_secret(
     with pytest.raises(StorageError, match="S3 rejected the credentials") as caught:
         storage.exists(uri)
     assert secret not in str(caught.value)
+
+
+def _counting_streams(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the key of every object `sha256_uri` streams through the hash."""
+    streamed: list[str] = []
+    stream = storage._sha256_object
+
+    def counting(client: object, bucket: str, key: str) -> str:
+        streamed.append(key)
+        return stream(client, bucket, key)
+
+    monkeypatch.setattr(storage, "_sha256_object", counting)
+    return streamed
+
+
+def test_s3_folder_digests_are_recorded_and_only_changed_objects_rehashed(
+    tmp_path: Path, s3_bucket: str, s3_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = _make_tree(tmp_path / "art")
+    uri = f"s3://{s3_bucket}/runs/1/policy"
+    storage.upload(tmp_path / "art", uri)
+    streamed = _counting_streams(monkeypatch)
+
+    assert storage.sha256_uri(uri) == storage.sha256_dir(tmp_path / "art")
+    assert len(streamed) == len(files)
+    records = _boto(s3_env).list_objects_v2(Bucket=s3_bucket, Prefix=storage.DIGEST_RECORD_PREFIX)["Contents"]
+    assert len(records) == 1
+    assert storage.list_files(uri) == sorted(files), "the record lives outside the folder"
+
+    streamed.clear()
+    assert storage.sha256_uri(uri + "/") == storage.sha256_dir(tmp_path / "art")
+    assert streamed == [], "a second hash (trailing slash or not) reads no object"
+
+    changed = sorted(files)[0]
+    (tmp_path / "art" / changed).write_bytes(b"retrained weights")
+    _boto(s3_env).put_object(Bucket=s3_bucket, Key=f"runs/1/policy/{changed}", Body=b"retrained weights")
+    assert storage.sha256_uri(uri) == storage.sha256_dir(tmp_path / "art")
+    assert streamed == [f"runs/1/policy/{changed}"]
+
+
+@pytest.mark.parametrize(
+    "record", [b"not json", json.dumps({"uri": "s3://elsewhere/model", "files": {}}).encode()]
+)
+def test_a_corrupt_or_foreign_digest_record_is_ignored(
+    tmp_path: Path, s3_bucket: str, s3_env: str, monkeypatch: pytest.MonkeyPatch, record: bytes
+) -> None:
+    files = _make_tree(tmp_path / "art")
+    uri = f"s3://{s3_bucket}/m"
+    storage.upload(tmp_path / "art", uri)
+    _boto(s3_env).put_object(Bucket=s3_bucket, Key=storage._record_key(uri), Body=record)
+    streamed = _counting_streams(monkeypatch)
+    assert storage.sha256_uri(uri) == storage.sha256_dir(tmp_path / "art")
+    assert len(streamed) == len(files)
+    saved = json.loads(
+        _boto(s3_env).get_object(Bucket=s3_bucket, Key=storage._record_key(uri))["Body"].read()
+    )
+    assert saved["uri"] == uri and sorted(saved["files"]) == sorted(files), "rewritten for this folder"
+
+
+def test_an_unwritable_digest_record_only_costs_a_rehash(
+    tmp_path: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _make_tree(tmp_path / "art")
+    uri = f"s3://{s3_bucket}/read-only"
+    storage.upload(tmp_path / "art", uri)
+    make_client = storage.s3_client
+
+    def read_only_client() -> object:
+        client = make_client()
+
+        def refuse(**kwargs: object) -> None:
+            error = {"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}
+            raise storage.ClientError(error, "PutObject")
+
+        client.put_object = refuse  # type: ignore[method-assign]
+        return client
+
+    monkeypatch.setattr(storage, "s3_client", read_only_client)
+    with caplog.at_level("WARNING", logger="safe_rlhf_v.storage"):
+        assert storage.sha256_uri(uri) == storage.sha256_dir(tmp_path / "art")
+    assert "could not record the digests of" in caplog.text and "AccessDenied" in caplog.text

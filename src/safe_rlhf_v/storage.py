@@ -10,6 +10,11 @@ one machine (local folders, ``file://`` URIs) and in a cluster (S3 or MinIO). Th
   new ones are in place); downloading replaces the local folder as a whole. Empty folders are not
   represented, as S3 has none.
 * When a URI names both an object ``k`` and objects under ``k/``, the object wins.
+* Hashing an S3 folder records each object's sha256 with its ETag and size under
+  ``.safe-rlhf-v/digests/`` in the same bucket; the next hash of that folder (another stage, another
+  pod) streams only the objects whose ETag or size changed. A 7B checkpoint is hashed by several
+  stages for lineage, so this saves re-reading tens of GB per pipeline run. The records are a cache:
+  an object rewritten with other content gets a new ETag, and deleting them costs one re-hash.
 * Every failure raises :class:`StorageError` naming the URI (and, for S3, the endpoint); malformed
   URIs raise :class:`ValueError`.
 
@@ -24,6 +29,8 @@ for stores without the newer checksums) apply as usual.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import re
 import shutil
@@ -32,6 +39,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import boto3
@@ -47,8 +55,12 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+log = logging.getLogger(__name__)
+
 S3_SCHEME = "s3://"
 FILE_SCHEME = "file://"
+DIGEST_RECORD_PREFIX = ".safe-rlhf-v/digests/"
+"""Where, in a folder's own bucket, the per-object digests of hashed S3 folders are recorded."""
 ENDPOINT_ENV_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
 MAX_ATTEMPTS_ENV = "SAFE_RLHF_V_S3_MAX_ATTEMPTS"
 CONNECT_TIMEOUT_ENV = "SAFE_RLHF_V_S3_CONNECT_TIMEOUT"
@@ -346,11 +358,80 @@ def _sha256_object(client: BaseClient, bucket: str, key: str) -> str:
     return digest.hexdigest()
 
 
+def _listing(client: BaseClient, uri: str) -> dict[str, tuple[str, int, str]]:
+    """``relative path -> (key, size, ETag)`` of every file under the folder prefix of ``uri``."""
+    bucket, key = split_s3(uri)
+    prefix = _prefix_of(key)
+    paginator = client.get_paginator("list_objects_v2")
+    return {
+        _checked_relative(item["Key"][len(prefix) :], item["Key"], uri): (
+            item["Key"],
+            int(item["Size"]),
+            str(item["ETag"]),
+        )
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix)
+        for item in page.get("Contents", [])
+        if not item["Key"].endswith("/")
+    }
+
+
+def _record_key(uri: str) -> str:
+    return f"{DIGEST_RECORD_PREFIX}{hashlib.sha256(uri.rstrip('/').encode()).hexdigest()}.json"
+
+
+def _read_record(client: BaseClient, bucket: str, uri: str) -> dict[str, Any]:
+    """The recorded ``relative path -> {etag, size, sha256}`` of ``uri``; empty when there is none
+    or it is unreadable (a cache miss, never an error)."""
+    try:
+        record = json.loads(client.get_object(Bucket=bucket, Key=_record_key(uri))["Body"].read())
+    except ClientError as err:
+        if str(err.response.get("Error", {}).get("Code")) not in _MISSING_KEY_CODES:
+            log.warning("digest record of %s unreadable (%s); hashing every object", uri, err)
+        return {}
+    except ValueError:
+        log.warning("digest record of %s is not valid JSON; hashing every object", uri)
+        return {}
+    files = record.get("files") if isinstance(record, dict) and record.get("uri") == uri.rstrip("/") else None
+    return files if isinstance(files, dict) else {}
+
+
+def _write_record(client: BaseClient, bucket: str, uri: str, files: dict[str, Any]) -> None:
+    """Record the per-object digests; a bucket we may not write to only costs the next re-hash."""
+    body = json.dumps({"uri": uri.rstrip("/"), "files": files}, sort_keys=True).encode()
+    try:
+        client.put_object(Bucket=bucket, Key=_record_key(uri), Body=body)
+    except (ClientError, BotoCoreError) as err:
+        log.warning("could not record the digests of %s (%s); the next hash streams it again", uri, err)
+
+
+def _prefix_digest(client: BaseClient, uri: str) -> str:
+    """:func:`sha256_dir`'s digest of an S3 folder, streaming only objects the record lacks."""
+    bucket, _ = split_s3(uri)
+    listing = _listing(client, uri)
+    if not listing:
+        raise _missing(client, uri)
+    known = _read_record(client, bucket, uri)
+    files: dict[str, Any] = {}
+    for relative, (key, size, etag) in sorted(listing.items()):
+        entry = known.get(relative)
+        fresh = isinstance(entry, dict) and entry.get("etag") == etag and entry.get("size") == size
+        digest = entry["sha256"] if fresh and isinstance(entry.get("sha256"), str) else None
+        files[relative] = {
+            "etag": etag,
+            "size": size,
+            "sha256": digest or _sha256_object(client, bucket, key),
+        }
+    if files != known:
+        _write_record(client, bucket, uri, files)
+    return _tree_digest((relative, entry["sha256"]) for relative, entry in files.items())
+
+
 def sha256_uri(uri: str) -> str:
     """Digest of a file or folder, local or on S3.
 
     S3 objects are streamed through the hash rather than downloaded, so hashing a checkpoint needs
     no scratch disk; a folder prefix gets the same digest :func:`sha256_dir` gives its download.
+    Objects hashed before with the same ETag and size are not read again (module docstring).
     """
     if not is_s3(uri):
         path = _local_path(uri)
@@ -364,10 +445,7 @@ def sha256_uri(uri: str) -> str:
     with _s3_errors(client, uri):
         if _is_object(client, bucket, key):
             return _sha256_object(client, bucket, key)
-        files = _prefix_files(client, uri)
-        if not files:
-            raise _missing(client, uri)
-        return _tree_digest((relative, _sha256_object(client, bucket, found)) for relative, found in files)
+        return _prefix_digest(client, uri)
 
 
 # ------------------------------------------------------------------------- atomic local I/O
