@@ -1,12 +1,19 @@
-# `make demo` and `make test` each work from a fresh clone: they create .venv when missing, install
-# the package (torch pinned to the local CPU wheel; an unpinned torch would pull a multi-GB CUDA
-# build), then run. Re-installs only when pyproject.toml changes.
+# `make demo` and `make test` each work from a fresh clone: they create .venv when missing and install
+# exactly the versions in requirements/lock-dev.txt (hashes checked, nothing else pulled in), then the
+# package itself. When the lock changes, .venv is rebuilt from scratch, so it never holds a version
+# the lock does not name. `make lock` recompiles the locks after a pyproject.toml change;
+# `make lock UPGRADE=1` moves every package to its newest release inside pyproject.toml's ranges.
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-TORCH_PIN ?= torch==2.13.0
+LOCK := requirements/lock.txt
+DEV_LOCK := requirements/lock-dev.txt
+PINS := requirements/pins.txt
+LOCK_TOOLS := $(VENV)/lock-tools
+PIP_TOOLS_PIN ?= pip-tools==7.7.0
+LOCK_PYTHON := 3.11
 DEMO_DATA := work/data/demo
 DEMO_MODEL := work/models/tiny-llava
 PIP_QUIET := --quiet --disable-pip-version-check
@@ -24,18 +31,35 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export DO_NOT_TRACK := 1
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: install demo demo-s3 test lint compile clean tools lint-deploy
+.PHONY: install lock demo demo-s3 test lint compile clean tools lint-deploy
 
 install: $(STAMP) $(TOOLS_STAMP)
 
-$(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@echo "installing into $(VENV) (first time: about 3 minutes)"
-	$(BIN)/python -m pip install $(PIP_QUIET) "$(TORCH_PIN)" 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -m pip install $(PIP_QUIET) -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -c "import torch, kfp, mlflow, deepspeed, great_expectations, safe_rlhf_v" \
+# The lock is compiled for CPython $(LOCK_PYTHON) on Linux x86_64 (wheel tags and markers are resolved for it).
+$(STAMP): $(DEV_LOCK) pyproject.toml
+	@$(PYTHON) -c 'import sys; v = "%d.%d" % sys.version_info[:2]; sys.exit(0 if v == "$(LOCK_PYTHON)" else \
+		f"$(PYTHON) is Python {v}; the lock is for Python $(LOCK_PYTHON): run make PYTHON=python$(LOCK_PYTHON) ...")'
+	$(PYTHON) -m venv --clear $(VENV)
+	@echo "installing $(DEV_LOCK) into $(VENV) (first time: about 3 minutes, 7 GB: torch is the CUDA build)"
+	$(BIN)/python -m pip install $(PIP_QUIET) --require-hashes --no-deps -r $(DEV_LOCK) 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -m pip install $(PIP_QUIET) --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -m pip check
+	$(BIN)/python -c "import torch, torchvision, kfp, mlflow, deepspeed, great_expectations, safe_rlhf_v" \
 		|| { echo "install failed: see the pip output above"; exit 1; }
 	@touch $(STAMP)
+
+# Recompile both locks from pyproject.toml and requirements/pins.txt. The runtime lock (the images)
+# comes first; the dev lock (.venv, CI) is constrained to it, so both name the same runtime versions.
+# Existing pins are kept unless UPGRADE=1.
+lock:
+	@test -x $(LOCK_TOOLS)/bin/pip-compile || { $(PYTHON) -m venv $(LOCK_TOOLS) \
+		&& $(LOCK_TOOLS)/bin/python -m pip install $(PIP_QUIET) "$(PIP_TOOLS_PIN)"; }
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_TOOLS)/bin/pip-compile --quiet $(if $(UPGRADE),--upgrade) \
+		--generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+		--extra server -c $(PINS) -o $(LOCK) pyproject.toml 2>&1 | grep -v "^WARNING: Location" || true
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_TOOLS)/bin/pip-compile --quiet $(if $(UPGRADE),--upgrade) \
+		--generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+		--extra server --extra dev -c $(PINS) -c $(LOCK) -o $(DEV_LOCK) pyproject.toml 2>&1 | grep -v "^WARNING: Location" || true
 
 $(DEMO_DATA)/train.parquet: | $(STAMP)
 	$(BIN)/safe-rlhf-v make-demo-data --out $(DEMO_DATA)
