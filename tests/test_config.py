@@ -95,7 +95,14 @@ def test_config_is_frozen() -> None:
         cfg.base_model = "other"  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("preset", ["demo.yaml", "llava-1.5-7b.yaml", "qwen2-vl-7b.yaml"])
+PRESETS = sorted(path.name for path in default_config_path().parent.glob("*.yaml"))
+
+
+def test_presets_cover_every_model_family_that_ships() -> None:
+    assert {"demo.yaml", "llava-1.5-7b.yaml", "qwen2-vl-7b.yaml", "qwen2.5-vl-7b.yaml"} <= set(PRESETS)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
 def test_every_shipped_preset_loads(preset: str) -> None:
     cfg = load_config(default_config_path().parent / preset)
     if preset != "demo.yaml":  # the Safe RLHF-V settings for 7B models

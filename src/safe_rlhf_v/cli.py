@@ -329,7 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", required=True, help="demo data folder: its texts train the tokenizer, its pairs the SFT"
     )
     p.add_argument("--sft-epochs", type=int, default=None, help="supervised epochs (default: the demo's 5)")
-    p.add_argument("--family", default="llava", help="model family (default llava)")
+    p.add_argument(
+        "--family", default="llava", help="model family: llava (default), llava_next, qwen2_vl or qwen2_5_vl"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_demo_model)
 

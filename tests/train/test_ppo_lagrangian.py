@@ -71,7 +71,7 @@ def trainer(
 
 def test_response_mask_stops_after_the_first_eos() -> None:
     generated = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 0, 0, 0]])
-    assert response_mask(generated, eos_token_id=2).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert response_mask(generated, [2]).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
 
 
 @pytest.mark.parametrize(("threshold", "direction"), [(-50.0, 1.0), (50.0, -1.0)])
@@ -145,16 +145,27 @@ def test_lora_actor_trains_adapters_only_and_saves_a_merged_policy(
     assert not any("lora" in name for name, _ in merged.named_parameters())
 
 
-def test_ptx_loss_joins_the_actor_update(tmp_path: Path, models: PPOModels, demo_data: Path) -> None:
+def test_ptx_joins_the_actor_step_so_the_lr_schedule_runs_once(
+    tmp_path: Path, models: PPOModels, demo_data: Path
+) -> None:
+    """The PTX gradient goes into the RL step: one optimizer step per micro-batch, as the LR
+    schedule's horizon counts, so a cosine LR decays to its end once instead of climbing back."""
     from safe_rlhf_v.train.sft import examples_from_pairs
 
     ptx = examples_from_pairs(load_split(str(demo_data), "train").select(range(8)))
     prompts = load_split(str(demo_data), "train").select(range(16))
+    history: list[dict[str, float]] = []
+    cfg = config(-50.0, max_steps=4, lr_scheduler="cosine", warmup_ratio=0.0)
     run = PPOLagrangianTrainer(
-        config(-50.0), models, prompts, variant="safe-rlhf-v", checkpoint_dir=tmp_path / "ckpt", ptx=ptx
-    )
+        cfg, models, prompts, variant="safe-rlhf-v", checkpoint_dir=tmp_path / "ckpt", ptx=ptx,
+        sink=lambda metrics, step: history.append(metrics),
+    )  # fmt: skip
     metrics = run.train()
-    assert metrics["ptx_loss"] > 0 and torch.isfinite(torch.tensor(metrics["ptx_loss"]))
+    assert metrics["ptx_loss"] > 0 and math.isfinite(metrics["ptx_loss"])
+    assert run.roles.actor.global_step == 4, "one actor step per PPO step (one micro-batch each)"
+    rates = [step["train/actor_lr"] for step in history]
+    assert all(a > b for a, b in itertools.pairwise(rates)), f"the LR must only fall: {rates}"
+    assert rates[-1] == pytest.approx(0.0, abs=1e-12), "the cosine horizon ends with the last step"
 
 
 def _rows(run: PPOLagrangianTrainer, count: int) -> list[dict[str, object]]:

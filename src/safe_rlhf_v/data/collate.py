@@ -24,6 +24,7 @@ import torch
 from transformers import BatchFeature, ProcessorMixin
 
 from safe_rlhf_v.data.schema import RESPONSE_IDS, YES_NO
+from safe_rlhf_v.models.family import family_of
 
 PaddingSide = Literal["left", "right"]
 QUESTION_PREVIEW_CHARS = 60
@@ -60,8 +61,11 @@ def render_prompt(processor: ProcessorMixin, question: str) -> str:
 
 
 def render_conversation(processor: ProcessorMixin, question: str, response: str) -> str:
-    """The full exchange as the model is trained to see it, end-of-turn token included."""
-    return processor.apply_chat_template(_messages(question, response), tokenize=False)
+    """The full exchange as the model is trained to see it, ending at its end-of-turn token: text a
+    template writes after it (Qwen's newline) is never generated, so a score read at the last token
+    of a training pair is read where a sampled answer ends."""
+    rendered = processor.apply_chat_template(_messages(question, response), tokenize=False)
+    return family_of(processor).cut_after_end_of_turn(processor.tokenizer, rendered)
 
 
 def _field(row: dict[str, Any], index: int, column: str, kind: str = "preference") -> Any:

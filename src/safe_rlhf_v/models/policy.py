@@ -16,8 +16,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMi
 
 from safe_rlhf_v.config import GenerationConfig
 from safe_rlhf_v.data.collate import render_prompt
+from safe_rlhf_v.models.family import family_of
 from safe_rlhf_v.models.inference import best_device, inference_dtype, model_inputs
-from safe_rlhf_v.train.rollout import suppressed_tokens
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class Policy:
         )
         inputs = model_inputs(encoded, self.device, self.dtype)
         sampling = self.settings.temperature > 0
-        tokenizer = self.processor.tokenizer
+        tokenizer, family = self.processor.tokenizer, family_of(self.processor)
         output = self.model.generate(
             **inputs,
             max_new_tokens=self.settings.max_new_tokens,
@@ -99,7 +99,8 @@ class Policy:
             temperature=self.settings.temperature if sampling else None,
             top_p=self.settings.top_p if sampling else None,
             pad_token_id=tokenizer.pad_token_id,
-            suppress_tokens=suppressed_tokens(tokenizer),
+            eos_token_id=family.end_token_ids(tokenizer),
+            suppress_tokens=family.suppressed_token_ids(tokenizer),
         )
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

@@ -29,6 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, PreTrainedModel, ProcessorMixin
 
+from safe_rlhf_v.models.family import family_of
+
 ScoreKind = Literal["reward", "cost", "critic"]
 SCORE_KINDS: Final[tuple[str, ...]] = get_args(ScoreKind)
 SIGN_CONVENTIONS: Final[Mapping[str, str]] = MappingProxyType(
@@ -41,11 +43,6 @@ SIGN_CONVENTIONS: Final[Mapping[str, str]] = MappingProxyType(
 HEAD_FILE: Final = "score_head.safetensors"
 CONFIG_FILE: Final = "score_config.json"
 FORMAT_VERSION: Final = 1
-# Submodule names of the image encoder and of the layer mapping its features into the language
-# model's embedding space: LLaVA (1.5, NeXT) and Gemma 3 use the first names, Qwen2-VL/2.5-VL the
-# second ones (its projector, the patch merger, sits inside the vision tower).
-VISION_TOWER_NAMES: Final = ("vision_tower", "visual")
-PROJECTOR_NAMES: Final = ("multi_modal_projector", "visual.merger")
 
 
 class ScoreOutput(NamedTuple):
@@ -266,11 +263,12 @@ class ScoreModel(torch.nn.Module):
         Freezing the vision tower leaves the projector trainable even where it sits inside the
         tower (Qwen2-VL's merger), so the two switches mean the same for every family.
         """
-        tower = _find_submodule(self.backbone, VISION_TOWER_NAMES)
-        projector = _find_submodule(self.backbone, PROJECTOR_NAMES)
+        family = family_of(self.backbone.config)
+        tower = _find_submodule(self.backbone, family.vision_tower)
+        projector = _find_submodule(self.backbone, family.projector)
         for wanted, module, what, names in (
-            (freeze_vision_tower, tower, "vision tower", VISION_TOWER_NAMES),
-            (freeze_projector, projector, "projector", PROJECTOR_NAMES),
+            (freeze_vision_tower, tower, "vision tower", family.vision_tower),
+            (freeze_projector, projector, "projector", family.projector),
         ):
             if wanted and module is None:
                 raise ValueError(

@@ -265,6 +265,7 @@ class PPOLagrangianTrainer:
         rollout = Rollout(
             inputs=inputs,
             prompt_length=prompt_length,
+            family=samples.family,
             response_mask=mask,
             old_log_probs=old_log_probs,
             ref_log_probs=token_log_probs(ref_logits, tokens) * mask,
@@ -392,7 +393,9 @@ class PPOLagrangianTrainer:
         old_log_probs: torch.Tensor,
         advantages: torch.Tensor,
     ) -> dict[str, float]:
-        """The clipped-surrogate step (then the PTX step when configured), with entropy and clip fraction."""
+        """One optimizer step on the clipped surrogate, plus `ptx_coeff` times the PTX loss when
+        configured: both gradients go into the same step, so the LR schedule's horizon (one step per
+        micro-batch) holds with PTX too. Reports entropy and clip fraction."""
         mask = part.response_mask
         actor_loss, clip_fraction = ppo_actor_loss(
             log_probs, old_log_probs, advantages, mask, self.cfg.clip_range_ratio
@@ -400,10 +403,14 @@ class PPOLagrangianTrainer:
         with torch.no_grad():
             probs = torch.softmax(logits.float(), dim=-1)
             entropy = masked_mean(-(probs * torch.log(probs.clamp_min(1e-12))).sum(-1), mask)
-        out = {"actor_loss": self._step(self.roles.actor, actor_loss), "clip_fraction": float(clip_fraction),
+        out = {"actor_loss": float(actor_loss.detach()), "clip_fraction": float(clip_fraction),
                "entropy": float(entropy)}  # fmt: skip
+        loss = actor_loss
         if self.ptx is not None:
-            out["ptx_loss"] = self._ptx_step()
+            ptx_loss = self._ptx_loss()
+            out["ptx_loss"] = float(ptx_loss.detach())
+            loss = actor_loss + self.cfg.ptx_coeff * ptx_loss
+        self._step(self.roles.actor, loss)
         return out
 
     def _critic_update(
@@ -418,15 +425,14 @@ class PPOLagrangianTrainer:
         loss = critic_loss(values, old_values, returns, part.response_mask, self.cfg.clip_range_value)
         return self._step(critic, loss)
 
-    def _ptx_step(self) -> float:
-        """The supervised PTX loss on a batch of the PTX data, weighted by `ptx_coeff`."""
+    def _ptx_loss(self) -> torch.Tensor:
+        """The supervised PTX loss on a batch of the PTX data (with autograd)."""
         assert self.ptx is not None and self.ptx_collator is not None
         generator = torch.Generator().manual_seed(self.cfg.actor.seed + self.step)
         rows = torch.randint(len(self.ptx), (self.cfg.actor.per_device_batch_size,), generator=generator)
         batch = self.ptx_collator([self.ptx[int(i)] for i in rows])
         batch = {k: v.to(self.dist.device) for k, v in batch.items()}
-        loss = self.roles.actor(**batch, use_cache=False).loss.float()
-        return self._step(self.roles.actor, self.cfg.ptx_coeff * loss) / self.cfg.ptx_coeff
+        return self.roles.actor(**batch, use_cache=False).loss.float()
 
     def _step(self, engine: Engine, loss: torch.Tensor) -> float:
         if not torch.isfinite(loss):

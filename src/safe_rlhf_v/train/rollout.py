@@ -4,8 +4,8 @@ A rollout is `[left-padded prompt | response, right-padded after EOS]`. The resp
 1 on what the policy generated up to and including its first EOS, 0 after it (the reference code
 infers it from `log_prob != 0`, which mislabels tokens). Token `t` of the response sits at column
 `P + t` and is predicted by the logits at `P + t - 1`; the critics' value of that decision is read
-at the same column. Position ids follow the attention mask, so a left-padded row is scored exactly
-as it was generated.
+at the same column. The model family (`models.family`) builds the scoring inputs from the prompt's, so
+every later forward sees the positions `generate` used, and takes micro-batches of them.
 
 The actor's old log-probs are, by default, read off the logits `generate` computed while sampling:
 the sampling policy's own probabilities of the tokens it drew, at no extra cost. A rollout may leave
@@ -27,14 +27,16 @@ from PIL import Image
 from transformers import PretrainedConfig, ProcessorMixin
 
 from safe_rlhf_v.data.collate import render_prompt
+from safe_rlhf_v.models.family import ModelFamily, family_of
 
 
 @dataclass
 class Rollout:
     """One batch of sampled answers with everything PPO-Lagrangian needs about them."""
 
-    inputs: dict[str, torch.Tensor]  # input_ids, attention_mask, position_ids, pixel_values, ...
+    inputs: dict[str, torch.Tensor]  # input_ids, attention_mask, pixel values, the family's extras
     prompt_length: int  # P: columns [0, P) hold the left-padded prompts
+    family: ModelFamily  # how to take rows of `inputs`
     response_mask: torch.Tensor  # (B, T) float
     old_log_probs: torch.Tensor  # (B, T) actor at sampling time
     ref_log_probs: torch.Tensor  # (B, T) reference policy
@@ -46,12 +48,12 @@ class Rollout:
     cost_values: torch.Tensor | None = None  # (B, T) cost critic (zeros in the reward-only ablation)
 
     def slice(self, rows: slice) -> Rollout:
-        """A micro-batch of the rollout (rows of every tensor)."""
+        """A micro-batch of the rollout: its rows of every tensor, image tensors in the family's layout."""
         values: dict[str, Any] = {}
         for item in fields(self):
             value = getattr(self, item.name)
-            if isinstance(value, dict):
-                values[item.name] = {k: v[rows] for k, v in value.items()}
+            if item.name == "inputs":
+                values[item.name] = self.family.slice_inputs(value, rows)
             elif isinstance(value, torch.Tensor):
                 values[item.name] = value[rows]
             else:
@@ -106,22 +108,11 @@ def _positive_dropout(config: dict[Any, Any]) -> bool:
     return False
 
 
-def response_mask(generated: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """1 up to and including each row's first EOS (all of it when there is none), 0 after."""
-    is_eos = generated == eos_token_id
-    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()  # EOS tokens strictly before t
-    return (eos_before == 0).float()
-
-
-def suppressed_tokens(tokenizer: Any) -> list[int]:
-    """Special tokens an answer must never contain: all but EOS. A sampled image token, say,
-    would make the model expect image features that do not exist."""
-    return sorted(set(tokenizer.all_special_ids) - {tokenizer.eos_token_id})
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only, as `generate` does for left-padded prompts."""
-    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+def response_mask(generated: torch.Tensor, end_token_ids: list[int]) -> torch.Tensor:
+    """1 up to and including each row's first end token (all of it when there is none), 0 after."""
+    is_end = torch.isin(generated, torch.tensor(end_token_ids, device=generated.device)).long()
+    ends_before = torch.cumsum(is_end, dim=1) - is_end  # end tokens strictly before t
+    return (ends_before == 0).float()
 
 
 def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -168,9 +159,10 @@ class Samples:
     """Sampled answers: the full inputs for scoring, the prompt width P, the response mask and, when
     asked for, the sampling policy's log-probs of the sampled tokens (masked)."""
 
-    inputs: dict[str, torch.Tensor]  # [left-padded prompt | response], position ids, image inputs
+    inputs: dict[str, torch.Tensor]  # [left-padded prompt | response] in the family's input layout
     prompt_length: int
     response_mask: torch.Tensor  # (B, T) float
+    family: ModelFamily
     log_probs: torch.Tensor | None = None  # (B, T)
 
 
@@ -211,7 +203,8 @@ def sample(
     computed anyway; `generate` then keeps each step's logits (B x vocabulary floats a token) until
     it returns.
     """
-    tokenizer = processor.tokenizer
+    tokenizer, family = processor.tokenizer, family_of(processor)
+    end_ids = family.end_token_ids(tokenizer)
     prompts = processor(
         images=images,
         text=[render_prompt(processor, q) for q in questions],
@@ -219,31 +212,26 @@ def sample(
         padding_side="left",
         return_tensors="pt",
     ).to(device)
-    extra = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in prompts.items()}
+    prompt_inputs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in prompts.items()}
     with intra_op_threads(cpu_threads if device.type == "cpu" else None):
         output = actor.generate(
-            **extra,
+            **prompt_inputs,
             do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else None,
             top_p=top_p if temperature > 0 else None,
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            suppress_tokens=suppressed_tokens(tokenizer),
+            eos_token_id=end_ids,
+            suppress_tokens=family.suppressed_token_ids(tokenizer),
             synced_gpus=synced_gpus,
             return_dict_in_generate=True,
             output_logits=with_log_probs,
         )
     prompt_length = prompts["input_ids"].shape[1]
     generated = output.sequences[:, prompt_length:]
-    mask = response_mask(generated, tokenizer.eos_token_id)
+    mask = response_mask(generated, end_ids)
     log_probs = sampled_log_probs(output.logits, generated) * mask if with_log_probs else None
     generated = generated.masked_fill(mask == 0, tokenizer.pad_token_id)
-    attention = torch.cat([prompts["attention_mask"], mask.long()], dim=1)
-    inputs = {k: v for k, v in extra.items() if k not in ("input_ids", "attention_mask")}
-    inputs |= {
-        "input_ids": torch.cat([prompts["input_ids"], generated], dim=1),
-        "attention_mask": attention,
-        "position_ids": position_ids(attention),
-    }
-    return Samples(inputs, prompt_length, mask, log_probs)
+    return Samples(
+        family.sequence_inputs(prompt_inputs, generated, mask), prompt_length, mask, family, log_probs
+    )
