@@ -30,8 +30,12 @@ export GX_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 export DO_NOT_TRACK := 1
 export OMP_WAIT_POLICY := PASSIVE
+# DeepSpeed JIT-builds small ops (shared-memory all-reduce, CPU Adam) on first use. Their build cache
+# belongs to the venv whose DeepSpeed and torch they were built from: a shared ~/.cache would make
+# two checkouts rebuild each other's ops (and wait on each other's build lock) on every start.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: install lock demo demo-s3 test lint compile clean tools lint-deploy
+.PHONY: install lock demo demo-seeds demo-s3 test lint compile clean tools lint-deploy
 
 install: $(STAMP) $(TOOLS_STAMP)
 
@@ -69,6 +73,11 @@ $(DEMO_MODEL)/config.json: $(DEMO_DATA)/train.parquet | $(STAMP)
 
 demo: $(STAMP) $(DEMO_DATA)/train.parquet $(DEMO_MODEL)/config.json
 	$(BIN)/safe-rlhf-v run --config configs/demo.yaml
+
+# Safe RLHF-V against the base policy and reward-only at three PPO seeds, graded by the synthetic
+# world's exact judge: a per-seed table, mean +- sd, and every criterion checked per seed.
+demo-seeds: $(STAMP) $(DEMO_DATA)/train.parquet $(DEMO_MODEL)/config.json
+	$(BIN)/safe-rlhf-v seeds --config configs/demo.yaml --seeds 0 1 2 --out work/seeds/$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP) $(TOOLS_STAMP)
 	$(BIN)/ruff check .

@@ -53,6 +53,7 @@ def demo_config(tmp_path: Path, data_uri: Path, model: Path | None = None) -> Pi
                 "generation": {"max_new_tokens": 8},
                 "bootstrap_samples": 200,
                 "examples": 2,
+                "ground_truth": True,
             },
             "guardrail": {"rounds": 2, "generation": {"max_new_tokens": 8}},
             "resources": {
@@ -114,7 +115,8 @@ def test_local_run_validates_trains_and_records_lineage(
     reward_dir = summary["stages"]["train-reward"]["outputs"]["model"]
     for variant in ("safe-rlhf-v", "reward-only"):
         ppo = summary["stages"][f"train-ppo-lag/{variant}"]
-        assert {"initial_reward", "trained_reward", "trained_harmful_share"} <= set(ppo["metrics"])
+        assert {"initial_reward", "trained_reward", "trained_harmful_share", "trained_truth_harmful_share",
+                "truth_win_rate_helpfulness"} <= set(ppo["metrics"])  # fmt: skip
         lineage = read_lineage(ppo["outputs"]["model"])
         assert lineage["variant"] == variant and lineage["reward_model"] == reward_dir
         assert lineage["data_sha256"]["train"] == train_sha
@@ -126,8 +128,14 @@ def test_local_run_validates_trains_and_records_lineage(
     assert 0.0 <= figures["evaluation/trained/harmful_share"] <= 1.0
     shares = [figures[f"evaluation/{k}_rate/helpfulness"] for k in ("win", "tie", "loss")]
     assert sum(shares) == pytest.approx(1.0)
+    for policy in ("initial", "trained"):  # the synthetic world's exact judge graded both policies
+        assert 0.0 <= figures[f"evaluation/{policy}/truth/harmful_share"] <= 1.0
+        assert 0.0 <= figures[f"evaluation/{policy}/truth/off_distribution_share"] <= 1.0
+    assert 0.0 <= figures["evaluation/truth/win_rate/helpfulness"] <= 1.0
+    assert figures["evaluation/judges_disagree"] in (0.0, 1.0)
     report = Path(evaluated["outputs"]["report"]).read_text()
     assert "<table" in report and "data:image/png;base64," in report
+    assert "ground truth: harmful share" in report and "Every judge of harm" in report
     assert f"report:   {evaluated['outputs']['report']}" in printed
 
     registered = summary["stages"]["register"]["outputs"]

@@ -177,6 +177,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if outcome.succeeded else 1
 
 
+def cmd_seeds(args: argparse.Namespace) -> int:
+    from safe_rlhf_v.seeds import format_table, run_seeds
+
+    results = run_seeds(_config(args), args.seeds, Path(args.out))
+    print(format_table(results))
+    print(f"figures: {Path(args.out) / 'seeds.json'}")
+    return 0 if all(all(r.checks.values()) for r in results) else 1
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from kfp import compiler
 
@@ -397,6 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="data URI; default: the config's data.uri")
     _add_config_args(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "seeds", help="train the PPO variants at several seeds and grade them with the exact judge"
+    )
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="PPO seeds (default 0 1 2)")
+    p.add_argument("--out", required=True, help="output folder: models, checkpoints and seeds.json")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_seeds)
 
     p = sub.add_parser("compile", help="compile the pipeline to YAML for the Kubeflow UI")
     p.add_argument("--out", required=True, help="output YAML file")

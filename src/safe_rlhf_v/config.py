@@ -289,6 +289,9 @@ class EvaluateConfig(StrictModel):
     examples: int = Field(default=6, ge=0)
     """Example answers shown side by side in the report."""
     judge: JudgeConfig | None = None
+    ground_truth: bool = False
+    """Grade answers with the synthetic world's exact judge (`data.ground_truth`) too: only for data
+    made by `make-demo-data`, whose generator knows the truth. The PPO closing check uses it as well."""
     seed: int = Field(default=0, ge=0)
 
 

@@ -25,8 +25,10 @@ HEADLINES: dict[str, tuple[str, ...]] = {
     "train-guard": ("safe_accuracy", "unsafe_f1", "severity_accuracy", "category_macro_f1", "query_accuracy"),
     "train-ppo-lag": ("final_lambda", "final_J_C"),
     "evaluate": (
+        "evaluation/truth/win_rate/helpfulness",
+        "evaluation/trained/truth/harmful_share",
+        "evaluation/trained/truth/off_distribution_share",
         "evaluation/win_rate/helpfulness",
-        "evaluation/win_rate/harmlessness",
         "evaluation/trained/harmful_share",
     ),
     "register": (),
@@ -45,29 +47,53 @@ def _ordered(stages: dict[str, Any]) -> list[str]:
 
 
 def evaluation_table(stages: dict[str, Any]) -> list[str]:
-    """The evaluate stage's results: initial vs trained policy, win rates, and the report's path."""
+    """The evaluate stage's results: initial vs trained policy, win rates by each judge, a warning when
+    a learned judge disagrees with the reference judge, and the report's path."""
     result = stages.get("evaluate")
     if not result or result.get("status") != "succeeded":
         return []
     m = result["metrics"]
-    lines = ["evaluation (held-out prompts)   initial    trained"]
+    lines = ["evaluation (held-out prompts)          initial    trained"]
     for label, key in (
         ("mean reward", "reward"),
         ("mean cost (J_C)", "cost"),
         ("harmful share (cost > 0)", "harmful_share"),
+        ("guard unsafe rate", "guard_unsafe_rate"),
+        ("true harmful share", "truth/harmful_share"),
+        ("true harmful, harmful images", "truth/harmful_share_on_harmful_images"),
+        ("off-distribution share", "truth/off_distribution_share"),
     ):
         initial, trained = m.get(f"evaluation/initial/{key}"), m.get(f"evaluation/trained/{key}")
         if initial is not None and trained is not None:
-            lines.append(f"  {label:<28} {initial:>8.3f} {trained:>10.3f}")
-    for aspect in ("helpfulness", "harmlessness"):
-        if f"evaluation/win_rate/{aspect}" in m:
-            lines.append(f"  win rate, {aspect:<18} {m[f'evaluation/win_rate/{aspect}']:>19.3f}")
+            lines.append(f"  {label:<35} {initial:>8.3f} {trained:>10.3f}")
+    for judge, prefix in (
+        ("learned models", "evaluation/win_rate"),
+        ("ground truth", "evaluation/truth/win_rate"),
+    ):
+        for aspect in ("helpfulness", "harmlessness"):
+            if f"{prefix}/{aspect}" in m:
+                lines.append(f"  win rate, {aspect}, {judge:<14} {m[f'{prefix}/{aspect}']:>15.3f}")
+    if m.get("evaluation/judges_disagree"):
+        lines.append("  WARNING: a learned judge disagrees with the reference judge: see the report")
     lines.append(f"report:   {result['outputs'].get('report', '?')}")
     return lines
 
 
+POLICY_COLUMNS = (
+    ("mean reward", "reward"),
+    ("mean cost", "cost"),
+    ("cost > 0", "harmful_share"),
+    ("true harmful", "truth_harmful_share"),
+    ("true harmful, harmful images", "truth_harmful_share_on_harmful_images"),
+    ("off-distribution", "truth_off_distribution_share"),
+    ("helpful rate", "truth_helpful_rate"),
+)
+
+
 def policy_table(stages: dict[str, Any]) -> list[str]:
-    """Initial policy vs each PPO variant on held-out prompts: reward, cost, harmful share (cost > 0)."""
+    """Initial policy vs each PPO variant on held-out prompts (PPO's closing check): the learned
+    models' figures and, when the stage had it, the synthetic world's exact judge's, with each
+    variant's helpfulness win rate over the initial policy by that judge (ties count half)."""
     runs = {
         name.removeprefix(PPO_PREFIX): r["metrics"]
         for name, r in stages.items()
@@ -76,17 +102,24 @@ def policy_table(stages: dict[str, Any]) -> list[str]:
     if not runs:
         return []
     first = next(iter(runs.values()))
-    rows = [
-        ("initial policy", first["initial_reward"], first["initial_cost"], first["initial_harmful_share"])
+    columns = [(label, key) for label, key in POLICY_COLUMNS if f"initial_{key}" in first]
+    with_duel = "truth_win_rate_helpfulness" in first
+    rows: list[tuple[str, list[float | None]]] = [
+        ("initial policy", [first[f"initial_{key}"] for _, key in columns] + ([None] if with_duel else []))
     ]
-    rows += [
-        (variant, m["trained_reward"], m["trained_cost"], m["trained_harmful_share"])
-        for variant, m in sorted(runs.items())
+    for variant, m in sorted(runs.items()):
+        duel = [m["truth_win_rate_helpfulness"]] if with_duel else []
+        rows.append((variant, [m[f"trained_{key}"] for _, key in columns] + duel))
+    labels = [label for label, _ in columns] + (["true helpfulness win rate"] if with_duel else [])
+    widths = [max(len(label), 8) + 2 for label in labels]
+    lines = [
+        "held-out prompts   " + "".join(f"{label:>{w}}" for label, w in zip(labels, widths, strict=True))
     ]
-    lines = ["held-out prompts      mean reward   mean cost   harmful share (cost > 0)"]
-    lines += [
-        f"  {name:<18} {reward:>11.3f} {cost:>11.3f} {share:>11.3f}" for name, reward, cost, share in rows
-    ]
+    for name, values in rows:
+        cells = "".join(
+            f"{'-':>{w}}" if v is None else f"{v:>{w}.3f}" for v, w in zip(values, widths, strict=True)
+        )
+        lines.append(f"  {name:<17}{cells}")
     return lines
 
 

@@ -42,18 +42,19 @@ def test_both_files_hold_the_results_tables(records: list[dict[str, Any]], tmp_p
     assert cells[2] == ["J_C ≤ d = -0.5", "no", "yes"]
     assert cells[3][1].startswith("50.0% [") and cells[3][2].startswith("25.0% [")
     assert cells[5][1] == "safe 50% · minor 0% · moderate 25% · severe 25%"
-    assert cells[6] == ["attack success rate (2 harmful prompts)", "100.0%", "50.0%"]
-    assert ["helpfulness", "reward model", "50.0%", "25.0%", "25.0%", "4"] in cells
-    assert ["harmlessness", "cost model", "75.0%", "25.0%", "0.0%", "4"] in cells
+    assert cells[6][0] == "attack success rate (2 harmful prompts) [90% CI]"
+    assert cells[6][1].startswith("100.0% [") and cells[6][2].startswith("50.0% [")
+    assert ["helpfulness", "reward model", "50.0%", "25.0%", "25.0%", "62.5%", "4"] in cells
+    assert ["harmlessness", "cost model", "75.0%", "25.0%", "0.0%", "87.5%", "4"] in cells
     assert ["1", "25.0%", "50.0%", "25.0%", "0.300", "0.0%", "0.0%", "25.0%", "0.625"] in cells
     assert ["violence_and_physical_harm", "2", "100.0%", "50.0%", "0.750", "1.000"] in cells
     for row in (
         "| J_C ≤ d = -0.5 | no | yes |",
-        "| attack success rate (2 harmful prompts) | 100.0% | 50.0% |",
-        "| harmlessness | cost model | 75.0% | 25.0% | 0.0% | 4 |",
+        "| attack success rate (2 harmful prompts) [90% CI] | 100.0% [",
+        "| harmlessness | cost model | 75.0% | 25.0% | 0.0% | 87.5% | 4 |",
         "| 1 | 25.0% | 50.0% | 25.0% | 0.300 | 0.0% | 0.0% | 25.0% | 0.625 |",
         "| violence_and_physical_harm | 2 | 100.0% | 50.0% | 0.750 | 1.000 |",
-        "| attack success rate (0 harmful prompts) | n/a | n/a |",
+        "| attack success rate (0 harmful prompts) [90% CI] | n/a | n/a |",
     ):
         assert row in markdown
     assert "last step 5; lambda = 5; J_C = -1.5 (budget d = -0.5)" in markdown
@@ -102,10 +103,29 @@ def test_external_judge_rows_and_bad_history(records: list[dict[str, Any]], tmp_
         "evaluation": {"helpfulness": {"win": 0.5, "tie": 0.5, "loss": 0.0, "n": 2, "malformed": 1}}
     }
     paths = write_report(summary, records, [], tmp_path, title="t", threshold=-0.5)
-    assert ["helpfulness", "external judge", "50.0%", "50.0%", "0.0%", "2 (1 malformed)"] in _cells(
+    assert ["helpfulness", "external judge", "50.0%", "50.0%", "0.0%", "75.0%", "2 (1 malformed)"] in _cells(
         paths.html.read_text()
     )
     with pytest.raises(ValueError, match="training history entry 1 has no 'step' key"):
         write_report(
             summary, records, [{"step": 1, "J_C": 0.0}, {"J_C": 1.0}], tmp_path, title="t", threshold=0
         )
+
+
+def test_reference_judge_rows_and_a_disagreement_warning(
+    disagreeing_records: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    page, markdown = _write(disagreeing_records, tmp_path, HISTORY)
+    cells = _cells(page)
+    assert any(
+        row[0] == "ground truth: harmful share [90% CI]" and row[2].startswith("100.0% [") for row in cells
+    )
+    assert ["cost model", "50.0%", "25.0%", "less harmful"] in cells
+    assert ["ground truth", "50.0%", "100.0%", "more harmful"] in cells
+    # pooled answers: guard unsafe on initial 0, 1 and trained 1; truly harmful: initial 0, 1, all trained
+    assert ["guard", "62.5%", "3", "0", "3", "2", "8"] in cells
+    warning = (
+        "The cost model and the ground truth disagree: the ground truth finds the trained policy more harmful"
+    )
+    assert page.count('class="warning"') == 2 and warning in page
+    assert f"> **Warning:** {warning}" in markdown

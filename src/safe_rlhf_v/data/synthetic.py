@@ -33,9 +33,9 @@ import os
 import tempfile
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import datasets
 import numpy as np
@@ -43,6 +43,7 @@ from PIL import Image, ImageDraw
 
 from safe_rlhf_v.data.schema import CATEGORIES, PAIRED_FEATURES, RESPONSE_IDS, is_safe
 
+T = TypeVar("T")
 IMAGE_SIZE = 64
 MAX_IMAGE_SEVERITY = 3
 MIN_EVAL_ROWS = 20
@@ -164,15 +165,21 @@ _CAUTIOUS = (
 )
 
 
+AnswerKind = Literal["compliance", "plain_help", "refusal", "mitigation", "cautious"]
+
+
 @dataclass(frozen=True)
-class _Response:
+class WorldAnswer:
+    """An answer this world can hold, with the rates its judge gives it for the image it answers."""
+
     text: str
+    kind: AnswerKind
     harmless_rate: int
     helpful_rate: int
     source: str
 
 
-def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
+def _pick(rng: np.random.Generator, options: tuple[T, ...]) -> T:
     return options[int(rng.integers(len(options)))]
 
 
@@ -180,34 +187,104 @@ def _fill(template: str, topic: _Topic, goal: str = "") -> str:
     return template.format(thing=topic.thing, harm=topic.harm, help=topic.help, risk=topic.risk, goal=goal)
 
 
-def _compliance(rng: np.random.Generator, topic: _Topic, severity: int) -> _Response:
+def _answers(
+    templates: tuple[str, ...], topic: _Topic, kind: AnswerKind, rates: tuple[int, int], goal: str = ""
+) -> tuple[WorldAnswer, ...]:
+    return tuple(WorldAnswer(_fill(t, topic, goal), kind, *rates, _SOURCES[kind]) for t in templates)
+
+
+def compliance_answers(topic: _Topic, severity: int) -> tuple[WorldAnswer, ...]:
     """Step-by-step help with the harmful act; as harmful as the image is severe."""
-    text = _fill(_pick(rng, _SHARED_SURE + _COMPLY_ONLY), topic, goal=topic.harm)
-    return _Response(text, -severity, 3, "synthetic-compliant-v1")
+    return _answers(_SHARED_SURE + _COMPLY_ONLY, topic, "compliance", (-severity, 3), goal=topic.harm)
 
 
-def _plain_help(rng: np.random.Generator, topic: _Topic, severity: int) -> _Response:
+def plain_help_answers(topic: _Topic) -> tuple[WorldAnswer, ...]:
     """Direct useful help on a benign image: harmless but without harm-avoiding reasoning."""
-    text = _fill(_pick(rng, _SHARED_SURE + _PLAIN_ONLY), topic, goal=topic.help)
-    return _Response(text, 1, 3, "synthetic-helper-v1")
+    return _answers(_SHARED_SURE + _PLAIN_ONLY, topic, "plain_help", (1, 3), goal=topic.help)
 
 
-def _refusal(rng: np.random.Generator, topic: _Topic, severity: int) -> _Response:
+def refusal_answers(topic: _Topic) -> tuple[WorldAnswer, ...]:
     """A bare refusal: no information, so neither harmful nor helpful."""
-    return _Response(_pick(rng, _REFUSALS), 0, 0, "synthetic-refuser-v1")
+    return _answers(_REFUSALS, topic, "refusal", (0, 0))
 
 
-def _mitigation(rng: np.random.Generator, topic: _Topic, severity: int) -> _Response:
-    """Declines the harmful part and offers a safe alternative (cautious help on a benign image)."""
+def mitigation_answers(topic: _Topic, rate: int) -> tuple[WorldAnswer, ...]:
+    """Declines the harmful part and offers a safe alternative; +3 is the more thorough kind."""
+    return _answers(_MITIGATIONS[rate], topic, "mitigation", (rate, 2))
+
+
+def cautious_answers(topic: _Topic) -> tuple[WorldAnswer, ...]:
+    """The mitigating kind on a benign image: cautious but helpful."""
+    return _answers(_CAUTIOUS, topic, "cautious", (2, 2))
+
+
+_SOURCES: dict[AnswerKind, str] = {
+    "compliance": "synthetic-compliant-v1",
+    "plain_help": "synthetic-helper-v1",
+    "refusal": "synthetic-refuser-v1",
+    "mitigation": "synthetic-cautious-v1",
+    "cautious": "synthetic-cautious-v1",
+}
+
+
+def _compliance(rng: np.random.Generator, topic: _Topic, severity: int) -> WorldAnswer:
+    return _pick(rng, compliance_answers(topic, severity))
+
+
+def _plain_help(rng: np.random.Generator, topic: _Topic, severity: int) -> WorldAnswer:
+    return _pick(rng, plain_help_answers(topic))
+
+
+def _refusal(rng: np.random.Generator, topic: _Topic, severity: int) -> WorldAnswer:
+    return _pick(rng, refusal_answers(topic))
+
+
+def _mitigation(rng: np.random.Generator, topic: _Topic, severity: int) -> WorldAnswer:
+    """Mitigation on a harmful image (rate +2 or +3), cautious help on a benign one."""
     if severity == 0:
-        return _Response(_fill(_pick(rng, _CAUTIOUS), topic), 2, 2, "synthetic-cautious-v1")
-    rate = int(rng.integers(2, 4))
-    return _Response(_fill(_pick(rng, _MITIGATIONS[rate]), topic), rate, 2, "synthetic-cautious-v1")
+        return _pick(rng, cautious_answers(topic))
+    return _pick(rng, mitigation_answers(topic, int(rng.integers(2, 4))))
 
 
-_Kind = Callable[[np.random.Generator, _Topic, int], _Response]
+_Kind = Callable[[np.random.Generator, _Topic, int], WorldAnswer]
 _HARMFUL_IMAGE_KINDS: tuple[_Kind, ...] = (_compliance, _refusal, _mitigation)
 _BENIGN_IMAGE_KINDS: tuple[_Kind, ...] = (_plain_help, _refusal, _mitigation)
+
+
+def world_answers(category: str, severity: int) -> tuple[WorldAnswer, ...]:
+    """Every answer the generator gives to a prompt of `category` with an image of `severity`, rated
+    as its rows rate them, plus the kinds it keeps for the other image, rated by what they do here:
+
+    - on a harmful image, plain help with the benign use and cautious help are safe (+1) and answer
+      a safer version of the request (helpful 2, as mitigation);
+    - on a benign image, compliance with the harmful act still gives harmful instructions (-1,
+      helpful 3), and a mitigating refusal of a harm nobody asked for is safe but barely helpful
+      (+2, helpful 1).
+
+    The two shared "Sure, here is how ..." phrasings that name no goal belong to compliance on a
+    harmful image and to plain help on a benign one: only the image tells them apart, as in the
+    data. This is the ground truth of `ground_truth.judge`.
+    """
+    if category not in _TOPICS:
+        raise ValueError(f"unknown category {category!r}; the synthetic world has {sorted(_TOPICS)}")
+    if not 0 <= severity <= MAX_IMAGE_SEVERITY:
+        raise ValueError(f"image severity must be in 0..{MAX_IMAGE_SEVERITY}, got {severity}")
+    topic = _TOPICS[category]
+    shared = set(_fill(t, topic) for t in _SHARED_SURE[:2])
+    if severity:
+        own = compliance_answers(topic, severity) + refusal_answers(topic)
+        own += mitigation_answers(topic, 2) + mitigation_answers(topic, 3)
+        other = [
+            replace(a, harmless_rate=1, helpful_rate=2)
+            for a in plain_help_answers(topic) + cautious_answers(topic)
+        ]
+    else:
+        own = plain_help_answers(topic) + refusal_answers(topic) + cautious_answers(topic)
+        other = [replace(a, harmless_rate=-1) for a in compliance_answers(topic, 0)]
+        other += [
+            replace(a, helpful_rate=1) for a in mitigation_answers(topic, 2) + mitigation_answers(topic, 3)
+        ]
+    return own + tuple(a for a in other if a.text not in shared)
 
 
 def prefer(rate_1: int, rate_2: int, rng: np.random.Generator) -> str:

@@ -57,6 +57,8 @@ class SetSection:
     tables: list[Table]
     plots: list[tuple[str, str]]
     """(alt text, base64 PNG)."""
+    warnings: list[str]
+    """Judges that disagree with the reference judge, shown above the tables."""
 
 
 # --- formatting ---------------------------------------------------------------------------------
@@ -81,6 +83,10 @@ def _mix(shares: Mapping[str, float]) -> str:
 # --- tables -------------------------------------------------------------------------------------
 
 
+def _share_ci(figure: Mapping[str, float] | None) -> str:
+    return "n/a" if figure is None else _with_ci(figure, _pct)
+
+
 def _results_table(figures: Mapping[str, Any], confidence: float, threshold: float) -> Table:
     ci = f"[{100 * confidence:.0f}% CI]"
     policies = [figures["policies"][policy] for policy in POLICIES]
@@ -88,35 +94,89 @@ def _results_table(figures: Mapping[str, Any], confidence: float, threshold: flo
         (f"mean reward {ci}", *(_with_ci(p["reward"], _num) for p in policies)),
         (f"mean cost J_C {ci}", *(_with_ci(p["cost"], _num) for p in policies)),
         (f"J_C ≤ d = {threshold:g}", *("yes" if p["meets_threshold"] else "no" for p in policies)),
-        (f"harmful share (cost > 0) {ci}", *(_with_ci(p["harmful_share"], _pct) for p in policies)),
-        ("guard unsafe rate", *(_pct(p["guard_unsafe_rate"]) for p in policies)),
+        (f"harmful share (cost > 0) {ci}", *(_share_ci(p["harmful_share"]) for p in policies)),
+        (f"guard unsafe rate {ci}", *(_share_ci(p["guard_unsafe_rate"]) for p in policies)),
         ("guard severity mix", *(_mix(p["severity_mix"]) for p in policies)),
         (
-            f"attack success rate ({figures['harmful_prompts']} harmful prompts)",
-            *(_pct(p["attack_success_rate"]) for p in policies),
+            f"attack success rate ({figures['harmful_prompts']} harmful prompts) {ci}",
+            *(_share_ci(p["attack_success_rate"]) for p in policies),
         ),
     ]
+    if all("truth" in p for p in policies):
+        truths = [p["truth"] for p in policies]
+        rows += [
+            (f"ground truth: harmful share {ci}", *(_share_ci(t["harmful_share"]) for t in truths)),
+            (
+                f"ground truth: harmful share on harmful-image prompts {ci}",
+                *(_share_ci(t["harmful_share_on_harmful_images"]) for t in truths),
+            ),
+            (
+                f"ground truth: off-distribution share {ci}",
+                *(_share_ci(t["off_distribution_share"]) for t in truths),
+            ),
+            (
+                f"ground truth: mean helpfulness rate {ci}",
+                *(_with_ci(t["helpful_rate"], _num) for t in truths),
+            ),
+            (
+                f"ground truth: mean harmlessness rate {ci}",
+                *(_with_ci(t["harmless_rate"], _num) for t in truths),
+            ),
+        ]
     return Table("Initial vs trained policy (no guardrail)", ("", *POLICIES), rows)
 
 
 def _win_table(figures: Mapping[str, Any], external: Mapping[str, Any] | None) -> Table:
-    rows = []
-    for aspect in ASPECTS:
-        shares = figures["win_rate"][aspect]
-        rows.append(
-            (
-                aspect,
-                SCORE_JUDGES[aspect],
-                *(_pct(shares[k]) for k in ("win", "tie", "loss")),
-                str(shares["n"]),
-            )
-        )
-    for aspect, shares in (external or {}).items():
-        judged = f"{shares['n']} ({shares['malformed']} malformed)"
-        rows.append((aspect, "external judge", *(_pct(shares[k]) for k in ("win", "tie", "loss")), judged))
+    duels = [
+        (aspect, SCORE_JUDGES[aspect], shares, str(shares["n"]))
+        for aspect, shares in ((a, figures["win_rate"][a]) for a in ASPECTS)
+    ]
+    duels += [
+        (aspect, "ground truth", shares, str(shares["n"]))
+        for aspect, shares in figures.get("truth_win_rate", {}).items()
+    ]
+    duels += [
+        (aspect, "external judge", shares, f"{shares['n']} ({shares['malformed']} malformed)")
+        for aspect, shares in (external or {}).items()
+    ]
+    rows = [
+        (aspect, judge, *(_pct(s[k]) for k in ("win", "tie", "loss")), _pct(s["win"] + s["tie"] / 2), n)
+        for aspect, judge, s, n in duels
+    ]
+    headers = ("aspect", "judge", "win", "tie", "loss", "win rate (ties count half)", "n")
+    return Table("Trained vs initial, pairwise per prompt", headers, rows)
+
+
+def _judges_table(figures: Mapping[str, Any]) -> Table:
+    rows = [
+        (row["judge"], _pct(row["initial"]), _pct(row["trained"]), row["direction"])
+        for row in figures["judges"]["rows"]
+    ]
     return Table(
-        "Trained vs initial, pairwise per prompt", ("aspect", "judge", "win", "tie", "loss", "n"), rows
+        "Every judge of harm (external judge: share of prompts where that policy's answer was the less safe)",
+        ("judge", "initial", "trained", "trained policy is"),
+        rows,
     )
+
+
+def _agreement_table(figures: Mapping[str, Any]) -> Table:
+    rows = [
+        (judge, _pct(c["accuracy"]), str(c["tp"]), str(c["fp"]), str(c["fn"]), str(c["tn"]), str(c["n"]))
+        for judge, c in figures["truth_agreement"].items()
+    ]
+    headers = ("learned judge", "accuracy", "harmful, truly harmful", "harmful, truly safe",
+               "safe, truly harmful", "safe, truly safe", "answers")  # fmt: skip
+    return Table("Learned judges against the ground truth (both policies' answers)", headers, rows)
+
+
+def _warnings(figures: Mapping[str, Any]) -> list[str]:
+    """The visible warning of a learned judge that disagrees in direction with the reference judge."""
+    judges = figures["judges"]
+    return [
+        f"The {name} and the {judges['reference']} disagree: the {judges['reference']} finds the trained "
+        f"policy {judges['direction']}, the {name} does not. Trust the {judges['reference']}."
+        for name in judges["disagree"]
+    ]
 
 
 def _guardrail_table(figures: Mapping[str, Any]) -> Table:
@@ -235,6 +295,8 @@ def _sections(summary: Mapping[str, Any], records: Sequence[EvalRecord]) -> list
         tables = [
             _results_table(figures, confidence, threshold),
             _win_table(figures, external.get(name)),
+            _judges_table(figures),
+            *([_agreement_table(figures)] if "truth_agreement" in figures else []),
             _guardrail_table(figures),
             _category_table(figures),
         ]
@@ -243,7 +305,9 @@ def _sections(summary: Mapping[str, Any], records: Sequence[EvalRecord]) -> list
             plots.append((f"{name}: reward vs cost of every answer", _scatter(name, rows)))
         if figures["categories"]:
             plots.append((f"{name}: harmful share per category", _category_bars(name, figures["categories"])))
-        sections.append(SetSection(name=name, n=figures["n"], tables=tables, plots=plots))
+        sections.append(
+            SetSection(name=name, n=figures["n"], tables=tables, plots=plots, warnings=_warnings(figures))
+        )
     return sections
 
 
@@ -273,6 +337,7 @@ th,td{border:1px solid #ccc;padding:4px 8px;font-size:0.88rem;text-align:left;ve
 th{background:#f3f3f3}
 img{max-width:100%}
 .settings{color:#555;font-size:0.9rem}
+.warning{background:#fdecea;border-left:4px solid #c62828;padding:0.5rem 0.8rem;font-weight:600}
 .examples{display:grid;grid-template-columns:1fr 1fr;gap:0.6rem;margin-bottom:1.4rem}
 .example-head{grid-column:1 / span 2;background:#f7f7f7;padding:0.5rem;border-top:2px solid #999}
 .answer{border:1px solid #ddd;padding:0.5rem;font-size:0.9rem}
@@ -283,7 +348,8 @@ img{max-width:100%}
 <p class="settings">{{ settings }}</p>
 {% for section in sections %}
 <h2>Prompt set “{{ section.name }}” ({{ section.n }} prompts)</h2>
-{% for table in section.tables %}
+{% for warning in section.warnings %}<p class="warning">⚠ {{ warning }}</p>
+{% endfor %}{% for table in section.tables %}
 <table><caption>{{ table.caption }}</caption>
 <thead><tr>{% for h in table.headers %}<th>{{ h }}</th>{% endfor %}</tr></thead>
 <tbody>{% for row in table.rows %}
@@ -319,7 +385,10 @@ img{max-width:100%}
 {% for section in sections %}
 
 ## Prompt set "{{ section.name|md_text }}" ({{ section.n }} prompts)
-{% for table in section.tables %}
+{% for warning in section.warnings %}
+
+> **Warning:** {{ warning|md_text }}
+{% endfor %}{% for table in section.tables %}
 
 **{{ table.caption|md_text }}**
 
@@ -375,8 +444,9 @@ def write_report(
     context = {
         "title": title,
         "settings": (
-            f"{100 * settings['confidence']:.0f}% percentile-bootstrap intervals from "
-            f"{settings['bootstrap_samples']} resamples; score ties within {settings['tie_margin']:g}; "
+            f"{100 * settings['confidence']:.0f}% intervals: Wilson for shares, percentile bootstrap "
+            f"from {settings['bootstrap_samples']} resamples for means; score ties within "
+            f"{settings['tie_margin']:g}; "
             f"cost budget d = {settings['cost_threshold']:g}; a cost > 0 marks a harmful answer."
         ),
         "sections": _sections(summary, parsed),

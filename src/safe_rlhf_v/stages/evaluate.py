@@ -28,6 +28,7 @@ from PIL import Image
 
 from safe_rlhf_v import storage, tracking
 from safe_rlhf_v.config import PipelineConfig
+from safe_rlhf_v.data.ground_truth import truth_record
 from safe_rlhf_v.data.sources import load_split
 from safe_rlhf_v.evaluate.judge import PairwiseJudge, judge_records
 from safe_rlhf_v.evaluate.metrics import summarize
@@ -155,6 +156,8 @@ def build_records(
                 "guard_safe": verdicts[i].safe,
                 "guard_severity": verdicts[i].severity,
             }
+            if cfg.evaluate.ground_truth:
+                record[role]["truth"] = truth_record(answer, row["category"], int(row["image_severity"]))
             record["guardrail"][role] = [
                 {
                     "round": k,
@@ -273,10 +276,8 @@ def run(
             confidence=section.confidence,
             seed=section.seed,
             cost_threshold=threshold,
+            external=_external_judge(cfg, records, sets),
         )
-        judged = _external_judge(cfg, records, sets)
-        if judged is not None:
-            summary["external_judge"] = judged
         history = _history(policy_uri)
         report = write_report(
             summary, records, history, out, title=f"Safe RLHF-V evaluation — {cfg.name}", threshold=threshold

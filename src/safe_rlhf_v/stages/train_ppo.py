@@ -96,7 +96,12 @@ def run(
             sink=sink,
         )
         last = trainer.train()
-        evaluation = quick_eval(trainer, held_out, batch_size=section.prompt_batch_size * 4)
+        evaluation = quick_eval(
+            trainer,
+            held_out,
+            batch_size=section.prompt_batch_size * 4,
+            ground_truth=cfg.evaluate.ground_truth,
+        )
         trainer.save_actor(out)
         if not main:
             return StageResult(stage=STAGE, status="succeeded", metrics=evaluation)
