@@ -113,6 +113,10 @@ class ScoreStageConfig(StrictModel):
     eval_batch_size: int = Field(default=8, ge=1)
     freeze_vision_tower: bool = True
     freeze_projector: bool = False
+    spliced_negatives: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Share of training rows that add a pair (intact answer, splice of both answers): the splice
+    labelled unhelpful and as harmful as its worse part (`data.augment`), so the policy cannot please
+    the model with answers no rater saw. 0 trains on the data set alone."""
 
 
 class RewardStageConfig(ScoreStageConfig):
@@ -210,7 +214,8 @@ class PPOStageConfig(StrictModel):
     """Prompts per rollout per process; a multiple of actor/critic `per_device_batch_size`."""
     update_iters: int = Field(default=1, ge=1)
     old_log_probs_from: Literal["generation", "rollout"] = "generation"
-    """Where the actor's old log-probs come from. `generation`: the logits the sampler computed for
+    """Where the actor's old log-probs come from (both at the sampling temperature: the policy PPO
+    optimises is the tempered one that samples). `generation`: the logits the sampler computed for
     each token it drew, the behaviour policy's own numbers, at no extra cost (generate keeps B x
     vocabulary floats per new token until it returns: 260 MB for 4 answers of 512 tokens over a
     32k vocabulary). `rollout`: a forward pass of the actor over prompt + answer after sampling, the

@@ -285,11 +285,12 @@ def test_zero3_actor_and_critics_start_from_the_saved_heads_and_train(
     assert any(not torch.equal(before[k], after[k]) for k in before), "the partitioned actor learned"
 
 
-def test_sampled_log_probs_are_the_policys_raw_log_probs_of_the_drawn_tokens(
+def test_sampled_log_probs_are_the_tempered_policys_log_probs_of_the_drawn_tokens(
     tiny_model: Path, demo_data: Path
 ) -> None:
-    """The log-probs read off generate's logits equal a full forward pass over prompt + answer, even
-    when temperature and top-p reshape the sampling distribution: they are the policy's own."""
+    """The log-probs read off generate's logits equal a full forward pass over prompt + answer at the
+    sampling temperature (the policy that samples is softmax(logits / T)); top-p only truncates what
+    is drawn, and the raw (T = 1) numbers are not what PPO's ratio compares."""
     from transformers import AutoModelForImageTextToText
 
     from safe_rlhf_v.train.rollout import response_logits, sample, token_log_probs
@@ -303,13 +304,13 @@ def test_sampled_log_probs_are_the_policys_raw_log_probs_of_the_drawn_tokens(
                      dtype=torch.float32, with_log_probs=True)  # fmt: skip
     assert samples.log_probs is not None
     inputs, start, mask = samples.inputs, samples.prompt_length, samples.response_mask
+    tokens = inputs["input_ids"][:, start:]
     with torch.no_grad():
-        full = token_log_probs(response_logits(model, inputs, start), inputs["input_ids"][:, start:])
-    torch.testing.assert_close(samples.log_probs, full * mask, rtol=1e-4, atol=1e-4)
+        tempered = token_log_probs(response_logits(model, inputs, start, temperature=0.7), tokens)
+        raw = token_log_probs(response_logits(model, inputs, start), tokens)
+    torch.testing.assert_close(samples.log_probs, tempered * mask, rtol=1e-4, atol=1e-4)
     assert (samples.log_probs[mask == 0] == 0).all()
-    tempered = torch.log_softmax(response_logits(model, inputs, start) / 0.7, dim=-1)
-    drawn = tempered.gather(-1, inputs["input_ids"][:, start:, None]).squeeze(-1) * mask
-    assert (samples.log_probs - drawn).abs().max() > 1e-2, "not the temperature-scaled numbers"
+    assert (samples.log_probs - raw * mask).abs().max() > 1e-2, "not the untempered numbers"
 
 
 def test_sampled_log_probs_need_one_logit_row_per_new_token() -> None:

@@ -69,6 +69,7 @@ from safe_rlhf_v.train.losses import (
 )
 from safe_rlhf_v.train.rollout import (
     Rollout,
+    policy_temperature,
     response_logits,
     response_values,
     sample,
@@ -199,6 +200,8 @@ class PPOLagrangianTrainer:
         self.dist = init_distributed()
         seed_everything(cfg.actor.seed, self.dist.rank)
         self.cfg, self.variant, self.checkpoint_dir = cfg, variant, checkpoint_dir
+        self.temperature = policy_temperature(cfg.generation.temperature)
+        """The policy's temperature: log-probs, ratio and KL are those of the tempered policy that samples."""
         self.prompts = prompt_table(prompts)
         self.sampler = DistributedSampler(
             range(len(self.prompts)),
@@ -261,9 +264,9 @@ class PPOLagrangianTrainer:
         tokens = inputs["input_ids"][:, prompt_length:]
         old_log_probs = samples.log_probs
         if old_log_probs is None:
-            actor_logits = response_logits(roles.actor, inputs, prompt_length)
+            actor_logits = response_logits(roles.actor, inputs, prompt_length, self.temperature)
             old_log_probs = token_log_probs(actor_logits, tokens) * mask
-        ref_logits = response_logits(roles.reference, inputs, prompt_length)
+        ref_logits = response_logits(roles.reference, inputs, prompt_length, self.temperature)
         rollout = Rollout(
             inputs=inputs,
             prompt_length=prompt_length,
@@ -384,7 +387,7 @@ class PPOLagrangianTrainer:
 
     def _actor_forward(self, part: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """The actor's response logits and the log-probs of the sampled tokens, with autograd."""
-        logits = response_logits(self.roles.actor, part.inputs, part.prompt_length)
+        logits = response_logits(self.roles.actor, part.inputs, part.prompt_length, self.temperature)
         return logits, token_log_probs(logits, part.inputs["input_ids"][:, part.prompt_length :])
 
     def _actor_update(

@@ -120,17 +120,28 @@ def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+def policy_temperature(sampling_temperature: float) -> float:
+    """The temperature of the policy PPO optimises: the one its answers are sampled at (1 for greedy
+    decoding). A policy that samples at T is softmax(logits / T), so its log-probs, its ratio and its
+    KL to the reference are all taken at T; at T = 1 this is the model's raw distribution."""
+    return sampling_temperature if sampling_temperature > 0 else 1.0
+
+
 def response_logits(
-    model: torch.nn.Module, rollout_inputs: dict[str, torch.Tensor], prompt_length: int
+    model: torch.nn.Module,
+    rollout_inputs: dict[str, torch.Tensor],
+    prompt_length: int,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Logits that predict each response token: columns `P - 1 .. L - 2` of the model's output.
+    """Logits that predict each response token (columns `P - 1 .. L - 2` of the model's output),
+    divided by the policy's `temperature`.
 
     Only the last `L - P + 1` columns go through the LM head (`logits_to_keep`): the prompt's own
     next-token logits are never used, and with a real vocabulary they dominate the head's cost.
     """
     keep = rollout_inputs["input_ids"].shape[1] - prompt_length + 1
     logits = model(**rollout_inputs, use_cache=False, logits_to_keep=keep).logits
-    return logits[:, :-1]
+    return logits[:, :-1] / temperature
 
 
 def response_values(
@@ -166,18 +177,23 @@ class Samples:
     log_probs: torch.Tensor | None = None  # (B, T)
 
 
-def sampled_log_probs(step_logits: tuple[torch.Tensor, ...], tokens: torch.Tensor) -> torch.Tensor:
-    """log p(token t) under the raw logits `generate` computed at step t, (B, T).
+def sampled_log_probs(
+    step_logits: tuple[torch.Tensor, ...], tokens: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """log p(token t) under the logits `generate` computed at step t divided by the policy's
+    `temperature`, (B, T).
 
-    Raw means before any logits processor (temperature, top-p, suppressed tokens, minimum length): the
-    policy's own distribution, which is what the training forward computes too.
+    The logits are `generate`'s raw ones, before any logits processor (top-p, suppressed tokens,
+    minimum length): what the training forward computes too, at the same temperature.
     """
     if len(step_logits) != tokens.shape[1]:
         raise RuntimeError(
             f"generate returned logits for {len(step_logits)} steps but {tokens.shape[1]} new tokens; "
             "set old_log_probs_from: rollout to score the answers with a separate pass"
         )
-    return torch.stack([token_log_probs(logits, tokens[:, t]) for t, logits in enumerate(step_logits)], dim=1)
+    return torch.stack(
+        [token_log_probs(logits / temperature, tokens[:, t]) for t, logits in enumerate(step_logits)], dim=1
+    )
 
 
 @torch.no_grad()
@@ -199,9 +215,9 @@ def sample(
     """Sample one answer per prompt with the KV cache.
 
     On a CPU, `cpu_threads` sets torch's intra-op threads for the call (None: leave them).
-    `with_log_probs` also returns the log-probs of the sampled tokens from the logits the sampler
-    computed anyway; `generate` then keeps each step's logits (B x vocabulary floats a token) until
-    it returns.
+    `with_log_probs` also returns the log-probs of the sampled tokens at the sampling temperature
+    (`policy_temperature`) from the logits the sampler computed anyway; `generate` then keeps each
+    step's logits (B x vocabulary floats a token) until it returns.
     """
     tokenizer, family = processor.tokenizer, family_of(processor)
     end_ids = family.end_token_ids(tokenizer)
@@ -230,7 +246,10 @@ def sample(
     prompt_length = prompts["input_ids"].shape[1]
     generated = output.sequences[:, prompt_length:]
     mask = response_mask(generated, end_ids)
-    log_probs = sampled_log_probs(output.logits, generated) * mask if with_log_probs else None
+    if with_log_probs:
+        log_probs = sampled_log_probs(output.logits, generated, policy_temperature(temperature)) * mask
+    else:
+        log_probs = None
     generated = generated.masked_fill(mask == 0, tokenizer.pad_token_id)
     return Samples(
         family.sequence_inputs(prompt_inputs, generated, mask), prompt_length, mask, family, log_probs
