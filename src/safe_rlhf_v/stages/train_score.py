@@ -22,6 +22,7 @@ import mlflow
 
 from safe_rlhf_v import tracking
 from safe_rlhf_v.config import PipelineConfig, ScoreStageConfig
+from safe_rlhf_v.data.augment import with_spliced_pairs
 from safe_rlhf_v.data.sources import load_split
 from safe_rlhf_v.stages.common import RESULT_FILE, StageResult, local_model, staged_output, write_json
 from safe_rlhf_v.stages.lineage import dataset_digests, model_digest, validated_dataset_uri, write_lineage
@@ -64,6 +65,7 @@ def run(
     digests = dataset_digests(data_uri)
     cache = Path(cfg.work_dir) / "cache" / "data"
     splits = {split: load_split(validated_dataset_uri(data_uri), split, cache_dir=cache) for split in digests}
+    splits["train"] = with_spliced_pairs(splits["train"], section.spliced_negatives, section.train.seed)
     settings = PreferenceSettings(
         base_model=local_model(base_model, cfg.work_dir),
         train=section.train,
