@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlp_training import KEY
 from transformers import AutoProcessor
 
 from safe_rlhf_v.config import LoraSettings, PPOStageConfig
@@ -65,7 +66,13 @@ def trainer(
     prompts = load_split(str(demo_data), "train").select(range(16))
     history: list[dict[str, float]] = []
     return PPOLagrangianTrainer(
-        cfg, models, prompts, variant=variant, checkpoint_dir=ckpt, sink=lambda m, s: history.append(m)
+        cfg,
+        models,
+        prompts,
+        variant=variant,
+        checkpoint_dir=ckpt,
+        checkpoint_key=KEY,
+        sink=lambda m, s: history.append(m),
     ), history
 
 
@@ -105,24 +112,39 @@ def test_reward_only_keeps_lambda_at_zero_without_a_cost_critic(
     assert [m["train/lambda"] for m in history] == [0.0, 0.0]
 
 
-def test_kill_and_resume_continues_with_the_same_lambda_and_step(
+def test_a_rerun_after_the_last_checkpoint_returns_the_real_figures_and_the_full_history(
     tmp_path: Path, models: PPOModels, demo_data: Path
 ) -> None:
+    """A run killed after its last checkpoint (before publishing) is rerun: it trains nothing and
+    returns the last step's lambda and J_C and every step's history, not zeros and an empty list."""
     ckpt = tmp_path / "ckpt"
-    first, _ = trainer(config(-50.0, max_steps=2, checkpoint_every_steps=1), models, demo_data, ckpt)
-    first.train()
-    saved_lambda = first.multiplier.value
-    saved_costs = list(first.multiplier.costs)
-    assert (ckpt / "state" / "step-2.json").exists()
-    resumed, history = trainer(config(-50.0, max_steps=3, checkpoint_every_steps=1), models, demo_data, ckpt)
-    resumed.resume()
-    assert resumed.step == 2
-    assert resumed.multiplier.value == pytest.approx(saved_lambda)
-    assert list(resumed.multiplier.costs) == pytest.approx(saved_costs)
-    resumed.step = 0  # train() resumes by itself; start from a clean slate to prove it
-    resumed.train()
-    assert resumed.step == 3 and len(history) == 1, "only the missing step ran"
-    assert resumed.roles.actor.global_step == 3
+    cfg = config(-50.0, max_steps=3, checkpoint_every_steps=1, keep_checkpoints=1)
+    first, _ = trainer(cfg, models, demo_data, ckpt)
+    last = first.train()
+    assert [record["step"] for record in first.history] == [1, 2, 3]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-3"]
+
+    rerun, emitted = trainer(cfg, models, demo_data, ckpt)
+    again = rerun.train()
+    assert emitted == [], "no step ran again"
+    assert rerun.step == 3 and rerun.roles.actor.global_step == 3
+    assert again == last and again["lambda"] > 1.0 and "J_C" in again
+    assert rerun.history == first.history
+    assert rerun.multiplier.value == pytest.approx(first.multiplier.value)
+    assert list(rerun.multiplier.costs) == pytest.approx(list(first.multiplier.costs))
+
+
+def test_a_pickle_only_policy_folder_is_refused(tmp_path: Path, models: PPOModels, demo_data: Path) -> None:
+    """Models load from safetensors only: a folder holding only pytorch_model.bin is an error."""
+    from transformers import AutoModelForImageTextToText
+
+    pickled = tmp_path / "pickled-policy"
+    policy = AutoModelForImageTextToText.from_pretrained(models.actor)
+    policy.config.save_pretrained(pickled)
+    AutoProcessor.from_pretrained(models.actor).save_pretrained(pickled)
+    torch.save(policy.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(OSError, match=r"model\.safetensors"):
+        trainer(config(-50.0), dataclasses.replace(models, actor=str(pickled)), demo_data, tmp_path / "ckpt")
 
 
 def test_lora_actor_trains_adapters_only_and_saves_a_merged_policy(
@@ -157,8 +179,8 @@ def test_ptx_joins_the_actor_step_so_the_lr_schedule_runs_once(
     history: list[dict[str, float]] = []
     cfg = config(-50.0, max_steps=4, lr_scheduler="cosine", warmup_ratio=0.0)
     run = PPOLagrangianTrainer(
-        cfg, models, prompts, variant="safe-rlhf-v", checkpoint_dir=tmp_path / "ckpt", ptx=ptx,
-        sink=lambda metrics, step: history.append(metrics),
+        cfg, models, prompts, variant="safe-rlhf-v", checkpoint_dir=tmp_path / "ckpt", checkpoint_key=KEY,
+        ptx=ptx, sink=lambda metrics, step: history.append(metrics),
     )  # fmt: skip
     metrics = run.train()
     assert metrics["ptx_loss"] > 0 and math.isfinite(metrics["ptx_loss"])
