@@ -377,3 +377,39 @@ def test_a_forward_pass_with_dropout_cannot_stand_in_for_another() -> None:
     assert stochastic_forward(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1)))
     assert not stochastic_forward(llama())
     assert stochastic_forward(llama(attention_dropout=0.1))  # functional: no Dropout module shows it
+
+
+def test_the_stage_rerun_after_its_last_checkpoint_publishes_the_real_results(
+    tmp_path: Path, ppo_models: PPOModels, validated_data: Path
+) -> None:
+    """The stage killed after its last checkpoint is retried under the same pipeline run: it used to
+    publish final_lambda 0, final_J_C 0 and an empty history.json (the report's lambda/J_C chart)."""
+    import json
+
+    from safe_rlhf_v.config import config_from_dict
+    from safe_rlhf_v.stages import train_ppo
+
+    ppo = config(-50.0, max_steps=3, checkpoint_every_steps=1).model_dump() | {"eval_prompts": 4}
+    cfg = config_from_dict(
+        {
+            "work_dir": str(tmp_path / "work"),
+            "data": {"uri": "unused"},
+            "base_model": ppo_models.actor,
+            "tracking": {"experiment": "ppo-stage-rerun"},
+            "train_ppo_lag": ppo,
+        }
+    )
+
+    def run(out: str) -> tuple[dict, list]:
+        train_ppo.run(cfg, str(validated_data), ppo_models.reward, ppo_models.cost, str(tmp_path / out),
+                      pipeline_run_id="run-9")  # fmt: skip
+        folder = tmp_path / out
+        return json.loads((folder / "metrics.json").read_text()), json.loads(
+            (folder / "history.json").read_text()
+        )
+
+    metrics, history = run("first")
+    assert [record["step"] for record in history] == [1, 2, 3]
+    assert metrics["final_lambda"] == history[-1]["lambda"] > 1.0
+    assert metrics["final_J_C"] == history[-1]["J_C"] != 0.0
+    assert run("retried") == (metrics, history)

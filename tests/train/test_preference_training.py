@@ -13,6 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from mlp_training import KEY
 
+from safe_rlhf_v.cli import main
 from safe_rlhf_v.config import TrainConfig, load_config
 from safe_rlhf_v.data.sources import load_split
 from safe_rlhf_v.models.score import ScoreModel
@@ -195,3 +196,25 @@ def test_two_process_torchrun_training_lowers_the_loss(
     history = [m.value for m in client.get_metric_history(run_id, "train/loss")]
     assert len(history) == 30  # 80 pairs / (4 per rank x 2 ranks) = 10 steps an epoch, 3 epochs
     assert sum(history[-4:]) / 4 < sum(history[:4]) / 4, history
+
+
+def test_a_changed_config_under_the_same_pipeline_run_refuses_to_resume(
+    tmp_path: Path, tiny_model: Path, validated_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A retry of the same pipeline run with another learning rate used to resume the old checkpoint
+    silently and publish its weights; now it stops with one line naming what changed, publishes
+    nothing, and goes on only when told to."""
+    config = stage_config(tmp_path, tiny_model, max_steps=2)
+    common = ["--config", str(config), "--data", str(validated_data), "--pipeline-run-id", "run-7"]
+    assert main(["train-reward", *common, "--out", str(tmp_path / "first")]) == 0
+    capsys.readouterr()
+    changed = [*common, "--set", "train_reward.train.learning_rate=0.01"]
+    assert main(["train-reward", *changed, "--out", str(tmp_path / "second")]) == 2
+    printed = capsys.readouterr().err.strip().splitlines()  # progress bars, then the error
+    error = printed[-1]
+    assert error.startswith("error: refusing to resume") and "Traceback" not in "".join(printed)
+    assert "reward.learning_rate (0.002 -> 0.01)" in error
+    assert not (tmp_path / "second").exists()
+    override = ["--set", "train_reward.train.resume_with_changed_config=true"]
+    assert main(["train-reward", *changed, *override, "--out", str(tmp_path / "second")]) == 0
+    assert (tmp_path / "second" / "metrics.json").is_file()

@@ -51,7 +51,7 @@ DEEPSPEED_RECORDS: tuple[type, ...] = (LossScaler, ZeroStageEnum, fragment_addre
 and the (start, numel) address of a parameter fragment. Plain data, safe to rebuild."""
 
 
-class CheckpointRejected(Exception):
+class CheckpointRejected(ValueError):
     """A checkpoint folder that must not be loaded; the message says why."""
 
 
