@@ -281,13 +281,7 @@ def build_models(root: Path, records: list[dict[str, Any]], spec: TinyVLMSpec, s
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + offset)  # the two heads differ, as trained ones would
             ScoreModel.from_base(actor, kind).save(root / kind, processor=processor)
-    return PPOModels(
-        actor=str(actor),
-        reward=str(root / "reward"),
-        cost=str(root / "cost"),
-        reward_critic=str(root / "reward"),
-        cost_critic=str(root / "cost"),
-    )
+    return PPOModels.critics_from_scores(str(actor), str(root / "reward"), str(root / "cost"))
 
 
 def stage_config(args: argparse.Namespace) -> PPOStageConfig:

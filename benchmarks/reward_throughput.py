@@ -223,13 +223,7 @@ def batches(rows: int, batch_size: int, count: int, seed: int) -> list[list[int]
 def run(args: argparse.Namespace, model_dir: Path, train: datasets.Dataset) -> Report:
     """Build the stage's engine on `model_dir`, train `warmup + steps` steps, measure the last `steps`."""
     # Imported here: deepspeed picks its accelerator on import, after select_device.
-    from safe_rlhf_v.train.distributed import (
-        Engine,
-        init_distributed,
-        model_init_context,
-        seed_everything,
-        train_ds_config,
-    )
+    from safe_rlhf_v.train.distributed import Engine, build_for_training, init_distributed, seed_everything
     from safe_rlhf_v.train.preference import PreferenceSettings, load_score_model
     from safe_rlhf_v.train.reward import RewardObjective
 
@@ -264,8 +258,7 @@ def run(args: argparse.Namespace, model_dir: Path, train: datasets.Dataset) -> R
         args.max_length,
         min_response_tokens=stage.min_response_tokens,
     )
-    with model_init_context(train_ds_config(cfg, dist.world_size, dist.device.type)):
-        model = load_score_model(objective, settings)
+    model = build_for_training(cfg, lambda: load_score_model(objective, settings))
     trained, frozen = matmul_params(model)
     engine = Engine(model, cfg, total_steps=total, name="reward-benchmark")
     cuda = dist.device.type == "cuda"

@@ -21,10 +21,4 @@ def ppo_models(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> PP
     for kind in ("reward", "cost"):
         torch.manual_seed(1 if kind == "reward" else 2)
         ScoreModel.from_base(str(tiny_model), kind).save(root / kind, processor=processor)
-    return PPOModels(
-        actor=str(tiny_model),
-        reward=str(root / "reward"),
-        cost=str(root / "cost"),
-        reward_critic=str(root / "reward"),
-        cost_critic=str(root / "cost"),
-    )
+    return PPOModels.critics_from_scores(str(tiny_model), str(root / "reward"), str(root / "cost"))

@@ -281,22 +281,18 @@ def test_heads_built_under_zero3_are_initialised_as_without_it(model_dir: Path) 
         )
 
 
+def guard_settings(model_dir: Path, **train: object) -> GuardSettings:
+    """Guard settings on the tiny model with a constant learning rate (runs and resumes compare)."""
+    constant = {"learning_rate": 2e-3, "lr_scheduler": "constant_with_warmup", "warmup_ratio": 0.0}
+    return GuardSettings(
+        base_model=str(model_dir), train=TrainConfig(**(constant | train)), max_length=256, eval_batch_size=16
+    )
+
+
 def test_a_few_steps_lower_the_loss_then_resume_and_load(model_dir: Path, tmp_path: Path) -> None:
     # 8 pairs -> 16 rows = one batch: every step sees the same rows, so the losses are comparable.
     data = to_dataset(generate_records(8, seed=11))
-    settings = GuardSettings(
-        base_model=str(model_dir),
-        train=TrainConfig(
-            epochs=6,
-            per_device_batch_size=16,
-            learning_rate=2e-3,
-            lr_scheduler="constant_with_warmup",
-            warmup_ratio=0.0,
-            log_every_steps=1,
-        ),
-        max_length=256,
-        eval_batch_size=16,
-    )
+    settings = guard_settings(model_dir, epochs=6, per_device_batch_size=16, log_every_steps=1)
     logged: list[tuple[int, dict[str, float]]] = []
     metrics = train_guard(
         settings,
@@ -344,19 +340,7 @@ def test_a_max_steps_stop_mid_epoch_is_continued_not_skipped(model_dir: Path, tm
     data = to_dataset(generate_records(8, seed=11))  # 16 rows: 4 batches of 4 per epoch
 
     def run(max_steps: int, checkpoints: Path) -> dict[str, torch.Tensor]:
-        settings = GuardSettings(
-            base_model=str(model_dir),
-            train=TrainConfig(
-                epochs=2,
-                max_steps=max_steps,
-                per_device_batch_size=4,
-                learning_rate=2e-3,
-                lr_scheduler="constant_with_warmup",
-                warmup_ratio=0.0,
-            ),
-            max_length=256,
-            eval_batch_size=16,
-        )
+        settings = guard_settings(model_dir, epochs=2, max_steps=max_steps, per_device_batch_size=4)
         out = tmp_path / f"guard-{checkpoints.name}-{max_steps}"
         train_guard(
             settings, train=data, evaluation=data, out_dir=out, checkpoint_dir=checkpoints, checkpoint_key=KEY

@@ -39,7 +39,7 @@ import os
 import random
 import socket
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -60,6 +60,7 @@ from safe_rlhf_v.config import TrainConfig
 from safe_rlhf_v.train.integrity import WeightsOnlyCheckpointEngine
 
 T = TypeVar("T")
+M = TypeVar("M", bound=nn.Module)
 Precision = Literal["auto", "fp32", "bf16"]
 
 _LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -259,6 +260,13 @@ def model_init_context(ds_config: dict[str, Any]) -> contextlib.AbstractContextM
     if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
         return _zero3_init(ds_config)
     return contextlib.nullcontext()
+
+
+def build_for_training(cfg: TrainConfig, build: Callable[[], M]) -> M:
+    """`build()` for a model that `cfg` will train: under ZeRO-3 partitioned as it is created."""
+    dist = init_distributed()
+    with model_init_context(train_ds_config(cfg, dist.world_size, dist.device.type)):
+        return build()
 
 
 def _num_elements(param: nn.Parameter) -> int:

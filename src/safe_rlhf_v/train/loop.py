@@ -42,12 +42,11 @@ from safe_rlhf_v.train.distributed import (
     Engine,
     all_reduce_mean,
     barrier,
+    build_for_training,
     get_logger,
     init_distributed,
-    model_init_context,
     progress,
     seed_everything,
-    train_ds_config,
 )
 
 log = get_logger(__name__)
@@ -225,8 +224,7 @@ def fit(
     """
     dist = init_distributed()
     seed_everything(cfg.seed, dist.rank)
-    with model_init_context(train_ds_config(cfg, dist.world_size, dist.device.type)):
-        model = build()
+    model = build_for_training(cfg, build)
     stream = BatchStream(rows, cfg.per_device_batch_size, seed=cfg.seed, dist=dist, what=rows_name)
     engine = Engine(model, cfg, total_steps=total_optimizer_steps(cfg, stream.per_epoch), name=task.name)
     checkpoints = Checkpointer(

@@ -44,12 +44,11 @@ from safe_rlhf_v.train.checkpoint import Checkpointer, engine_fingerprint
 from safe_rlhf_v.train.distributed import (
     Engine,
     all_reduce_mean,
+    build_for_training,
     frozen_engine,
     get_logger,
     init_distributed,
-    model_init_context,
     seed_everything,
-    train_ds_config,
 )
 from safe_rlhf_v.train.lagrangian import LagrangeMultiplier
 from safe_rlhf_v.train.loop import (
@@ -103,6 +102,11 @@ class PPOModels:
     reward_critic: str
     cost_critic: str
 
+    @classmethod
+    def critics_from_scores(cls, actor: str, reward: str, cost: str) -> PPOModels:
+        """The roles when the critics start from the reward and cost models (the stage's default)."""
+        return cls(actor=actor, reward=reward, cost=cost, reward_critic=reward, cost_critic=cost)
+
 
 def prompt_table(dataset: datasets.Dataset) -> datasets.Dataset:
     """Unique (image, question) prompts of a paired or flattened split, keeping `category` and
@@ -115,7 +119,6 @@ class Roles:
     """The six models, wrapped for training (Engine) or inference (frozen DeepSpeed engines)."""
 
     def __init__(self, models: PPOModels, cfg: PPOStageConfig, variant: PPOVariant, total_steps: int) -> None:
-        dist = init_distributed()
         self.processor: ProcessorMixin = AutoProcessor.from_pretrained(models.actor)
         tokenizers = {name: AutoProcessor.from_pretrained(path).tokenizer for name, path in
                       (("reward", models.reward), ("cost", models.cost))}  # fmt: skip
@@ -125,9 +128,9 @@ class Roles:
                     f"the {name} model's tokenizer differs from the actor's; rollouts are scored token for "
                     "token, so train the reward and cost models on the actor's base model"
                 )
-        actor_ds = train_ds_config(cfg.actor, dist.world_size, dist.device.type)
-        with model_init_context(actor_ds):
-            actor = AutoModelForImageTextToText.from_pretrained(models.actor, use_safetensors=True)
+        actor = build_for_training(
+            cfg.actor, lambda: AutoModelForImageTextToText.from_pretrained(models.actor, use_safetensors=True)
+        )
         if cfg.actor_lora is not None:
             lora = cfg.actor_lora
             actor = get_peft_model(
@@ -151,14 +154,15 @@ class Roles:
         self.cost_model = frozen_engine(
             ScoreModel.load(models.cost), zero_stage=cfg.frozen_zero_stage, precision=cfg.critic.precision
         )
-        critic_ds = train_ds_config(cfg.critic, dist.world_size, dist.device.type)
-        with model_init_context(critic_ds):
-            reward_critic = ScoreModel.load(models.reward_critic, kind="critic")
+        reward_critic = build_for_training(
+            cfg.critic, lambda: ScoreModel.load(models.reward_critic, kind="critic")
+        )
         self.reward_critic = Engine(reward_critic, cfg.critic, total_steps=total_steps, name="reward_critic")
         self.cost_critic: Engine | None = None
         if variant != "reward-only":
-            with model_init_context(critic_ds):
-                cost_critic = ScoreModel.load(models.cost_critic, kind="critic")
+            cost_critic = build_for_training(
+                cfg.critic, lambda: ScoreModel.load(models.cost_critic, kind="critic")
+            )
             self.cost_critic = Engine(cost_critic, cfg.critic, total_steps=total_steps, name="cost_critic")
 
     def trained(self) -> dict[str, Engine]:

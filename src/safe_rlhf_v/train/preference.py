@@ -117,8 +117,8 @@ def evaluate(
 
 
 def load_score_model(objective: Objective, settings: PreferenceSettings) -> ScoreModel:
-    """A fresh score head of the objective's kind on the base model (build it under
-    `model_init_context` to partition it as it is built under ZeRO-3)."""
+    """A fresh score head of the objective's kind on the base model (build it through
+    `build_for_training` to partition it as it is built under ZeRO-3)."""
     return ScoreModel.from_base(
         settings.base_model,
         objective.kind,
