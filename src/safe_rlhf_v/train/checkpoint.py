@@ -16,14 +16,16 @@ cannot drift apart.
 The config fingerprint: `state.json` records the settings that decide what training computes, and a
 resume under other settings is refused with an error naming the keys (a changed learning rate must
 not continue, and then publish, weights trained with the old one), unless the stage's
-`resume_with_changed_config` says so. What counts: the model and its inputs, the data geometry
-(rows, batch size, accumulation, seed), the objective, the optimizer, precision and ZeRO stage (a
-checkpoint of one stage does not load into another), and the LR schedule *as resolved* (warmup
-steps, and the horizon for a decaying schedule). What does not: where training stops (`epochs`,
-`max_steps`: a constant-LR run may be extended, a cosine one only when its horizon stays put),
-checkpoint and log cadence, and settings that choose how the same computation runs (gradient
-checkpointing, CPU sampling threads, the frozen models' ZeRO stage). World size is checked apart:
-DeepSpeed cannot re-partition a checkpoint.
+`resume_with_changed_config` says so. What counts: the models (their paths) and how they are cut
+(max length, freezing), the data geometry (number of rows, batch size, accumulation, seed), the
+objective, the optimizer, precision and ZeRO stage (a checkpoint of one stage does not load into
+another), and the LR schedule *as resolved* (warmup steps, and the horizon for a decaying
+schedule). What does not: where training stops (`epochs`, `max_steps`: a constant-LR run may be
+extended, a cosine one only when its horizon stays put), checkpoint and log cadence, evaluation
+settings, and settings that choose how the same computation runs (gradient checkpointing, CPU
+sampling threads, the frozen models' ZeRO stage). The data's content is not hashed here: a
+pipeline run reads one validated data set. World size is checked apart: DeepSpeed cannot
+re-partition a checkpoint.
 
 Our own state never goes through pickle: the state and RNG files are JSON.
 """
