@@ -20,7 +20,14 @@ from mlp_training import BATCH, KEY, config, max_diff, mlp, params, regression, 
 from torch import nn
 
 from safe_rlhf_v.train import checkpoint, integrity
-from safe_rlhf_v.train.checkpoint import STATE, Checkpointer, ConfigChanged, engine_fingerprint, rng_file
+from safe_rlhf_v.train.checkpoint import (
+    STATE,
+    Checkpointer,
+    ConfigChanged,
+    ResumeRefused,
+    engine_fingerprint,
+    rng_file,
+)
 from safe_rlhf_v.train.distributed import (
     DistInfo,
     Engine,
@@ -287,12 +294,12 @@ def test_resume_refuses_another_world_size_or_other_engines(dist: DistInfo, tmp_
     folder = store(tmp_path).save(2, trained, {})
     reseal(folder, world_size=2)
     with pytest.raises(
-        RuntimeError, match=r"saved by 2 processes but this job has 1.*resume with 2 processes"
+        ResumeRefused, match=r"saved by 2 processes but this job has 1.*resume with 2 processes"
     ):
         store(tmp_path).restore(engines())
     reseal(folder, world_size=1)
     with pytest.raises(
-        RuntimeError, match=r"holds the engines \['actor', 'critic'\] but this run trains \['actor'\]"
+        ResumeRefused, match=r"holds the engines \['actor', 'critic'\] but this run trains \['actor'\]"
     ):
         store(tmp_path).restore({"actor": engines()["actor"]})
 

@@ -64,7 +64,11 @@ _STOPS_AND_CADENCE = frozenset(
 log = get_logger(__name__)
 
 
-class ConfigChanged(ValueError):
+class ResumeRefused(ValueError):
+    """A checkpoint this run cannot go on from; the message says why and what to do."""
+
+
+class ConfigChanged(ResumeRefused):
     """A checkpoint was trained under other settings than the ones this run was given."""
 
 
@@ -198,8 +202,8 @@ class Checkpointer:
         """Load every engine, the RNGs and the state of the newest sealed step; None when there is none.
 
         Rank 0 verifies (skipping, with a warning, every folder that fails) and tells the others
-        which step to load. Raises when that step was saved by another world size, holds other
-        engines, or was trained under other settings (`ConfigChanged`, unless allowed).
+        which step to load. Raises `ResumeRefused` when that step was saved by another world size,
+        was trained under other settings (`ConfigChanged`, unless allowed) or holds other engines.
         """
         chosen = broadcast_int(self._newest_verified() if self._is_main else -1)
         if chosen < 0:
@@ -208,17 +212,17 @@ class Checkpointer:
         folder = self.root / tag_for(chosen)
         manifest = json.loads((folder / integrity.MANIFEST).read_text(encoding="utf-8"))
         if manifest["world_size"] != self.dist.world_size:
-            raise RuntimeError(
+            raise ResumeRefused(
                 f"{folder} was saved by {manifest['world_size']} processes but this job has "
                 f"{self.dist.world_size}; DeepSpeed cannot re-partition its state: resume with "
                 f"{manifest['world_size']} processes"
             )
-        if manifest["engines"] != sorted(engines):
-            raise RuntimeError(
-                f"{folder} holds the engines {manifest['engines']} but this run trains {sorted(engines)}"
-            )
         state: dict[str, Any] = json.loads((folder / STATE).read_text(encoding="utf-8"))
         self._check_fingerprint(state.pop("fingerprint"), folder)
+        if manifest["engines"] != sorted(engines):
+            raise ResumeRefused(
+                f"{folder} holds the engines {manifest['engines']} but this run trains {sorted(engines)}"
+            )
         for name, engine in engines.items():
             engine.load_state(folder, name)
         restore_rng_state(json.loads((folder / rng_file(self.dist.rank)).read_text(encoding="utf-8")))
