@@ -281,13 +281,7 @@ def build_models(root: Path, records: list[dict[str, Any]], spec: TinyVLMSpec, s
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + offset)  # the two heads differ, as trained ones would
             ScoreModel.from_base(actor, kind).save(root / kind, processor=processor)
-    return PPOModels(
-        actor=str(actor),
-        reward=str(root / "reward"),
-        cost=str(root / "cost"),
-        reward_critic=str(root / "reward"),
-        cost_critic=str(root / "cost"),
-    )
+    return PPOModels.critics_from_scores(str(actor), str(root / "reward"), str(root / "cost"))
 
 
 def stage_config(args: argparse.Namespace) -> PPOStageConfig:
@@ -408,8 +402,8 @@ def run_steps(trainer: PPOLagrangianTrainer, args: argparse.Namespace) -> tuple[
     cuda = trainer.dist.device.type == "cuda"
     synchronize = torch.cuda.synchronize if cuda else (lambda: None)
     setup_peak = peak_memory_mib(cuda)
-    trainer.sampler.set_epoch(0)
-    order = list(trainer.sampler)
+    trainer.stream.sampler.set_epoch(0)
+    order = list(trainer.stream.sampler)
     measured: list[StepTimes] = []
     timer = SampleTimer(ppo_lagrangian.sample, synchronize)
     with mock.patch.object(ppo_lagrangian, "sample", timer):
@@ -465,6 +459,7 @@ def _by_part(measured: list[StepTimes], reduce: Callable[[list[float]], float]) 
 
 def run(args: argparse.Namespace, root: Path) -> Report:
     """Build the data, the six roles and the trainer under `root`, then time the steps."""
+    from safe_rlhf_v.train.integrity import ephemeral_key
     from safe_rlhf_v.train.ppo_lagrangian import PPOLagrangianTrainer
 
     steps = args.warmup + args.steps
@@ -473,7 +468,12 @@ def run(args: argparse.Namespace, root: Path) -> Report:
     prompts = to_dataset(records)
     models = build_models(root / "models", records, model_spec(args), args.seed)
     trainer = PPOLagrangianTrainer(
-        stage_config(args), models, prompts, variant="safe-rlhf-v", checkpoint_dir=root / "checkpoints"
+        stage_config(args),
+        models,
+        prompts,
+        variant="safe-rlhf-v",
+        checkpoint_dir=root / "checkpoints",
+        checkpoint_key=ephemeral_key(),
     )
     if trainer.dist.world_size != 1 or trainer.dist.device.type != args.device:
         raise SystemExit(
@@ -491,7 +491,7 @@ def run(args: argparse.Namespace, root: Path) -> Report:
     measured, setup_peak = run_steps(trainer, args)
     gflop = None
     if args.count_flops:
-        order = list(trainer.sampler)
+        order = list(trainer.stream.sampler)
         batch = order[steps * args.prompts : (steps + 1) * args.prompts]
         gflop = count_step_flops(trainer, [trainer.prompts[i] for i in batch])
     cuda = args.device == "cuda"

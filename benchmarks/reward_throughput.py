@@ -223,7 +223,7 @@ def batches(rows: int, batch_size: int, count: int, seed: int) -> list[list[int]
 def run(args: argparse.Namespace, model_dir: Path, train: datasets.Dataset) -> Report:
     """Build the stage's engine on `model_dir`, train `warmup + steps` steps, measure the last `steps`."""
     # Imported here: deepspeed picks its accelerator on import, after select_device.
-    from safe_rlhf_v.train.distributed import Engine, init_distributed, seed_everything, train_ds_config
+    from safe_rlhf_v.train.distributed import Engine, build_for_training, init_distributed, seed_everything
     from safe_rlhf_v.train.preference import PreferenceSettings, load_score_model
     from safe_rlhf_v.train.reward import RewardObjective
 
@@ -258,7 +258,7 @@ def run(args: argparse.Namespace, model_dir: Path, train: datasets.Dataset) -> R
         args.max_length,
         min_response_tokens=stage.min_response_tokens,
     )
-    model = load_score_model(objective, settings, train_ds_config(cfg, dist.world_size, dist.device.type))
+    model = build_for_training(cfg, lambda: load_score_model(objective, settings))
     trained, frozen = matmul_params(model)
     engine = Engine(model, cfg, total_steps=total, name="reward-benchmark")
     cuda = dist.device.type == "cuda"
@@ -283,12 +283,12 @@ def _train_step(
 ) -> StepStats:
     """The stage's training step, timed from fetching the rows (image decoding included) to the
     optimizer update; on CUDA it waits for the GPU before stopping the clock."""
-    from safe_rlhf_v.train.preference import to_device
+    from safe_rlhf_v.train.batches import on_device
 
     start = time.perf_counter()
     batch = collator([train[i] for i in indices])
     data_done = time.perf_counter()
-    out = engine(**to_device(batch, engine.dist.device, engine.dtype))
+    out = engine(**on_device(batch.inputs, engine))
     half = len(indices)
     loss = objective.loss(out.end_scores[:half].float(), out.end_scores[half:].float(), batch)
     if not torch.isfinite(loss):

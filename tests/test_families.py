@@ -24,6 +24,7 @@ from safe_rlhf_v.data.synthetic import corpus
 from safe_rlhf_v.models.family import FAMILIES, family_of, text_positions
 from safe_rlhf_v.models.score import ScoreModel
 from safe_rlhf_v.models.tiny import TinyVLMSpec, build_tiny_vlm
+from safe_rlhf_v.train.integrity import ephemeral_key
 from safe_rlhf_v.train.ppo_lagrangian import PPOLagrangianTrainer, PPOModels
 from safe_rlhf_v.train.rollout import response_logits, response_values, sample, token_log_probs
 
@@ -31,6 +32,7 @@ SPEC = TinyVLMSpec(text_hidden=64, text_ffn=128, vocab_size=512)
 IMAGE_SIDES = (64, 112)  # two sizes: any-resolution families give them different image-token counts
 QUESTIONS = ("How do I use this?", "What is shown here, and is it safe?", "Why?", "Describe it.")
 TOLERANCE = 1e-5  # fp32: what a correct forward reproduces of generate's log-probs
+KEY = ephemeral_key()  # these runs never resume
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -144,9 +146,8 @@ def ppo_models(family_model: Path) -> PPOModels:
     for kind, seed in (("reward", 1), ("cost", 2)):
         torch.manual_seed(seed)
         ScoreModel.from_base(family_model, kind).save(family_model.parent / kind, processor=processor)
-    reward, cost = str(family_model.parent / "reward"), str(family_model.parent / "cost")
-    return PPOModels(
-        actor=str(family_model), reward=reward, cost=cost, reward_critic=reward, cost_critic=cost
+    return PPOModels.critics_from_scores(
+        str(family_model), str(family_model.parent / "reward"), str(family_model.parent / "cost")
     )
 
 
@@ -185,7 +186,12 @@ def test_a_rollout_in_micro_batches_updates_like_the_whole_batch(
     whole_cfg = both_roles(micro_cfg, per_device_batch_size=4, gradient_accumulation_steps=1)
     runs = {
         name: PPOLagrangianTrainer(
-            cfg, ppo_models, prompts, variant="safe-rlhf-v", checkpoint_dir=tmp_path / name
+            cfg,
+            ppo_models,
+            prompts,
+            variant="safe-rlhf-v",
+            checkpoint_dir=tmp_path / name,
+            checkpoint_key=KEY,
         )
         for name, cfg in (("micro", micro_cfg), ("whole", whole_cfg))
     }
@@ -211,7 +217,7 @@ def test_ppo_runs_with_micro_batches_two_update_passes_and_lora(
     cfg = ppo_config(update_iters=2, actor_lora=LoraSettings(r=4, alpha=8, dropout=0.1))
     prompts = load_split(str(demo_data), "train").select(range(8))
     run = PPOLagrangianTrainer(
-        cfg, ppo_models, prompts, variant="safe-rlhf-v", checkpoint_dir=tmp_path / "ckpt"
+        cfg, ppo_models, prompts, variant="safe-rlhf-v", checkpoint_dir=tmp_path / "ckpt", checkpoint_key=KEY
     )
     assert not run.reuse_training_forward, "LoRA dropout and two passes need the rollout's own scores"
     metrics = run.train()

@@ -84,6 +84,10 @@ class TrainConfig(StrictModel):
     keep_checkpoints: int = Field(default=2, ge=1)
     log_every_steps: int = Field(default=10, ge=1)
     seed: int = Field(default=42, ge=0)
+    resume_with_changed_config: bool = False
+    """Resume this stage's checkpoint even though settings that change the training result differ
+    from those it was saved with (the differences are logged); by default such a resume is refused,
+    naming them. For PPO the actor's setting decides."""
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:

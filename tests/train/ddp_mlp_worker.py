@@ -14,10 +14,12 @@ import sys
 from pathlib import Path
 
 import torch
+from mlp_training import KEY
 from safetensors.torch import save_file
 from torch import nn
 
 from safe_rlhf_v.config import TrainConfig
+from safe_rlhf_v.train.checkpoint import Checkpointer
 from safe_rlhf_v.train.distributed import Engine, all_reduce_mean, init_distributed, seed_everything
 
 STEPS = 30
@@ -61,17 +63,18 @@ def main(out: Path, zero_stage: int) -> None:
         losses.append(all_reduce_mean(loss))
         engine.backward_and_step(loss)
     trained = weights(engine)
-    folder = engine.save_checkpoint(out / "ckpt", client_state={"epoch": 0, "micro_batches_done": STEPS})
+    checkpoints = Checkpointer(out / "ckpt", key=KEY, fingerprint={}, keep=1)
+    folder = checkpoints.save(STEPS, {"mlp": engine}, {"position": {"epoch": 1, "batches_done": 0}})
 
     seed_everything(99, info.rank)
     fresh = Engine(mlp(), cfg, total_steps=STEPS, name="ddp-mlp-resumed")
-    state = fresh.load_latest(out / "ckpt")
+    state = checkpoints.restore({"mlp": fresh})
     resumed = weights(fresh)
     save_file(trained, str(out / f"rank{info.rank}.safetensors"))
     report = {
         "losses": losses,
         "checkpoint": folder.name,
-        "client_state": state,
+        "state": state,
         "resumed_step": fresh.global_step,
         "resume_max_abs_diff": max(float((resumed[k] - trained[k]).abs().max()) for k in trained),
     }

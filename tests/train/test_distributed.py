@@ -1,8 +1,8 @@
-"""The DeepSpeed engine on CPU: configs, LR schedule, training under ZeRO-2/3, checkpoints, torchrun.
+"""The DeepSpeed engine on CPU: configs, LR schedule, training under ZeRO-2/3, bf16, torchrun.
 
 Training tests run in this process on a one-rank gloo group that lives for the whole session
 (DeepSpeed engines cannot re-initialise torch.distributed); the two-rank case runs under torchrun
-in a subprocess.
+in a subprocess. Checkpoints: test_checkpoint.py; the training loop: test_loop.py.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import deepspeed
 import pytest
 import torch
+from mlp_training import BATCH, KEY, config, max_diff, mlp, params, regression, run_steps
 from pydantic import ValidationError
 from safetensors.torch import load_file
 from torch import nn
@@ -26,7 +26,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from safe_rlhf_v.config import TrainConfig
 from safe_rlhf_v.train import distributed
-from safe_rlhf_v.train.checkpoint import CLIENT_STATE, MANIFEST, rng_file
+from safe_rlhf_v.train.checkpoint import Checkpointer, rng_file
 from safe_rlhf_v.train.distributed import (
     DistInfo,
     Engine,
@@ -39,14 +39,13 @@ from safe_rlhf_v.train.distributed import (
     model_init_context,
     progress,
     seed_everything,
-    total_optimizer_steps,
     train_ds_config,
 )
+from safe_rlhf_v.train.integrity import MANIFEST
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 WORKER = Path(__file__).with_name("ddp_mlp_worker.py")
-BATCH = 8
 
 
 @pytest.fixture(scope="module")
@@ -56,48 +55,7 @@ def dist() -> DistInfo:
 
 @pytest.fixture(scope="module")
 def data() -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed smooth regression problem that a small MLP fits quickly."""
-    generator = torch.Generator().manual_seed(7)
-    x = torch.randn(64, 4, generator=generator)
-    return x, torch.tanh(x @ torch.tensor([[1.0], [-2.0], [0.5], [1.5]]))
-
-
-def mlp(dropout: float = 0.0) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(4, 32), nn.Tanh(), nn.Dropout(dropout), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1)
-    )
-
-
-def config(**overrides: object) -> TrainConfig:
-    base: dict[str, object] = {
-        "per_device_batch_size": BATCH,
-        "learning_rate": 2e-2,
-        "lr_scheduler": "constant_with_warmup",
-        "warmup_ratio": 0.0,
-        "epochs": 1,
-    }
-    return TrainConfig(**(base | overrides))
-
-
-def run_steps(engine: Engine, data: tuple[torch.Tensor, torch.Tensor], steps: range) -> list[float]:
-    """Optimizer steps `steps` (GA 1), batch i always the same slice, so runs are comparable."""
-    x, y = data
-    losses = []
-    for step in steps:
-        start = (step * BATCH) % len(x)
-        loss = nn.functional.mse_loss(engine(x[start : start + BATCH]), y[start : start + BATCH])
-        losses.append(loss.item())
-        assert engine.backward_and_step(loss)
-    return losses
-
-
-def params(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
+    return regression()
 
 
 # --- configuration -----------------------------------------------------------------------------
@@ -180,13 +138,6 @@ def test_eval_config_keeps_zero3_and_drops_zero1_and_zero2() -> None:
     }
     with pytest.raises(ValueError, match="offload_params needs zero_stage=3"):
         eval_ds_config(2, "fp32", "cpu", offload_params=True)
-
-
-def test_total_optimizer_steps_counts_micro_batches_across_epochs() -> None:
-    assert total_optimizer_steps(TrainConfig(epochs=3, gradient_accumulation_steps=4), 10) == 7
-    assert total_optimizer_steps(TrainConfig(epochs=3, gradient_accumulation_steps=4, max_steps=5), 10) == 5
-    with pytest.raises(ValueError, match="fewer than gradient_accumulation_steps=4"):
-        total_optimizer_steps(TrainConfig(epochs=1, gradient_accumulation_steps=4), 2)
 
 
 # --- process group and rank-aware helpers -----------------------------------------------------
@@ -345,50 +296,13 @@ def test_engine_rejects_models_it_cannot_train(dist: DistInfo) -> None:
         Engine(mlp(), config(gradient_checkpointing=True), total_steps=1)
 
 
-def test_gradient_accumulation_boundaries_and_save_guards(
-    dist: DistInfo, data: tuple[torch.Tensor, torch.Tensor], tmp_path: Path
-) -> None:
+def test_gradient_accumulation_boundaries(dist: DistInfo, data: tuple[torch.Tensor, torch.Tensor]) -> None:
     engine = Engine(mlp(), config(gradient_accumulation_steps=2), total_steps=2)
     x, y = data
     assert engine.backward_and_step(nn.functional.mse_loss(engine(x[:BATCH]), y[:BATCH])) is False
-    assert engine.global_step == 0
-    assert not engine.checkpoint_due(end_of_epoch=True)  # an epoch ending mid-accumulation waits
-    with pytest.raises(RuntimeError, match="between optimizer steps"):
-        engine.save_checkpoint(tmp_path, client_state={})
+    assert engine.global_step == 0 and not engine.at_step_boundary
     assert engine.backward_and_step(nn.functional.mse_loss(engine(x[BATCH:16]), y[BATCH:16])) is True
-    assert engine.global_step == 1
-    assert engine.checkpoint_due(end_of_epoch=True)
-    assert not engine.checkpoint_due(end_of_epoch=False)  # checkpoint_every_steps=0: epoch ends only
-    with pytest.raises(TypeError, match="client_state must be JSON-serialisable"):
-        engine.save_checkpoint(tmp_path, client_state={"position": object()})
-
-
-def test_resume_continues_exactly_like_an_uninterrupted_run(
-    dist: DistInfo, data: tuple[torch.Tensor, torch.Tensor], tmp_path: Path
-) -> None:
-    # Dropout makes the result depend on the restored RNG state, not only on weights and Adam moments.
-    cfg = config(zero_stage=2, lr_scheduler="cosine", warmup_ratio=0.25)
-
-    def fresh_engine(seed: int) -> Engine:
-        seed_everything(seed, dist.rank)
-        return Engine(mlp(dropout=0.2), cfg, total_steps=8)
-
-    uninterrupted = fresh_engine(0)
-    run_steps(uninterrupted, data, range(8))
-
-    interrupted = fresh_engine(0)
-    run_steps(interrupted, data, range(4))
-    folder = interrupted.save_checkpoint(tmp_path, client_state={"epoch": 0, "micro_batches_done": 4})
-    assert folder == tmp_path / "step-4"
-    assert {MANIFEST, CLIENT_STATE, rng_file(0)} <= {p.name for p in folder.iterdir()}
-    lr_at_save = interrupted.lr
-
-    resumed = fresh_engine(123)  # a restarted pod: other initial weights, other RNG
-    assert resumed.load_latest(tmp_path) == {"epoch": 0, "micro_batches_done": 4}
-    assert resumed.global_step == 4
-    assert resumed.lr == pytest.approx(lr_at_save, abs=1e-12)
-    run_steps(resumed, data, range(4, 8))
-    assert max_diff(params(resumed.module), params(uninterrupted.module)) < 1e-6
+    assert engine.global_step == 1 and engine.at_step_boundary
 
 
 @pytest.mark.skipif(not distributed._bf16_supported("cpu"), reason="this CPU has no native bf16")
@@ -409,78 +323,10 @@ def test_bf16_trains_and_resumes_like_on_a_gpu(
         losses.append(loss.item())
         engine.backward_and_step(loss)
     assert sum(losses[-5:]) / 5 < 0.5 * losses[0]
-    engine.save_checkpoint(tmp_path, client_state={})
+    Checkpointer(tmp_path, key=KEY, fingerprint={}, keep=1).save(30, {"mlp": engine}, {})
     resumed = Engine(mlp(), cfg, total_steps=30)
-    assert resumed.load_latest(tmp_path) == {}
+    assert Checkpointer(tmp_path, key=KEY, fingerprint={}, keep=1).restore({"mlp": resumed}) == {"step": 30}
     assert max_diff(params(resumed.module), params(engine.module)) == 0.0
-
-
-@pytest.fixture
-def saved_every_two_steps(
-    dist: DistInfo, data: tuple[torch.Tensor, torch.Tensor], tmp_path: Path
-) -> tuple[Engine, Path, Callable[[], dict[str, torch.Tensor]]]:
-    """Checkpoints at steps 2, 4 and 6; returns the engine, the root and a weights snapshot per step."""
-    engine = Engine(mlp(), config(zero_stage=2, keep_checkpoints=3), total_steps=6)
-    for step in (2, 4, 6):
-        run_steps(engine, data, range(step - 2, step))
-        engine.save_checkpoint(tmp_path, client_state={"step": step})
-    return engine, tmp_path, lambda: params(engine.module)
-
-
-def test_corrupt_or_incomplete_checkpoints_are_skipped(
-    saved_every_two_steps: tuple[Engine, Path, Callable[[], dict[str, torch.Tensor]]],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    engine, root, _ = saved_every_two_steps
-    model_file = root / "step-6" / "mp_rank_00_model_states.pt"
-    payload = bytearray(model_file.read_bytes())
-    payload[len(payload) // 2] ^= 0xFF
-    model_file.write_bytes(bytes(payload))
-    with caplog.at_level(logging.WARNING):
-        assert engine.load_latest(root) == {"step": 4}
-    assert engine.global_step == 4
-    assert "step-6" in caplog.text and "mp_rank_00_model_states.pt does not match its sha256" in caplog.text
-
-    (root / "step-4" / MANIFEST).unlink()  # as if the pod died while saving step 4
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):
-        assert engine.load_latest(root) == {"step": 2}
-    assert "manifest.json is missing (the save did not finish)" in caplog.text
-
-    (root / "step-2" / "planted.pt").write_bytes(b"not ours")
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):
-        assert engine.load_latest(root) is None
-    assert "files not in the manifest: planted.pt" in caplog.text
-
-
-def test_resume_refuses_a_different_world_size(
-    saved_every_two_steps: tuple[Engine, Path, Callable[[], dict[str, torch.Tensor]]],
-) -> None:
-    engine, root, _ = saved_every_two_steps
-    manifest_path = root / "step-6" / MANIFEST
-    manifest = json.loads(manifest_path.read_text())
-    manifest_path.write_text(json.dumps(manifest | {"world_size": 2}))
-    with pytest.raises(
-        RuntimeError, match=r"saved by 2 processes but this job has 1.*resume with 2 processes"
-    ):
-        engine.load_latest(root)
-
-
-def test_checkpoint_policy_and_pruning_of_old_incomplete_and_abandoned_ones(
-    dist: DistInfo, data: tuple[torch.Tensor, torch.Tensor], tmp_path: Path
-) -> None:
-    (tmp_path / "step-0").mkdir()  # interrupted save: no manifest
-    (tmp_path / "step-99").mkdir()  # from a timeline abandoned by resuming earlier
-    (tmp_path / "step-99" / MANIFEST).write_text('{"files": {}}')
-    engine = Engine(mlp(), config(keep_checkpoints=2, checkpoint_every_steps=2), total_steps=3)
-    due = []
-    for step in range(3):
-        run_steps(engine, data, range(step, step + 1))
-        due.append(engine.checkpoint_due(end_of_epoch=False))
-        engine.save_checkpoint(tmp_path, client_state={})
-    assert due == [False, True, False]
-    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-2", "step-3"]
 
 
 @pytest.mark.parametrize("stage", [0, 2])  # ZeRO-0 all-reduces in the engine, ZeRO-2 in its optimizer
@@ -500,6 +346,6 @@ def test_torchrun_two_ranks_train_in_sync_and_resume(tmp_path: Path, stage: int)
     manifest = json.loads((tmp_path / "ckpt" / "step-30" / MANIFEST).read_text())
     assert manifest["world_size"] == 2 and {rng_file(0), rng_file(1)} <= set(manifest["files"])
     for report in reports:
-        assert report["client_state"] == {"epoch": 0, "micro_batches_done": 30}
+        assert report["state"] == {"step": 30, "position": {"epoch": 1, "batches_done": 0}}
         assert report["resumed_step"] == 30
         assert report["resume_max_abs_diff"] == 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -12,14 +13,17 @@ import deepspeed
 import pytest
 import torch
 import torch.nn.functional as F
+from mlp_training import KEY
+from safetensors.torch import load_file
 from transformers import AutoProcessor
 
 from safe_rlhf_v.config import TrainConfig
 from safe_rlhf_v.data.collate import GuardCollator, render_prompt
 from safe_rlhf_v.data.schema import CATEGORIES, FLAT_FEATURES
 from safe_rlhf_v.data.synthetic import corpus, generate_records, to_dataset
-from safe_rlhf_v.models.guard import GuardModel
+from safe_rlhf_v.models.guard import HEADS_FILE, GuardModel
 from safe_rlhf_v.models.tiny import TinyVLMSpec, build_tiny_vlm
+from safe_rlhf_v.train.checkpoint import STATE
 from safe_rlhf_v.train.distributed import init_distributed, model_init_context, train_ds_config
 from safe_rlhf_v.train.guard import (
     LABEL_COLUMNS,
@@ -277,22 +281,18 @@ def test_heads_built_under_zero3_are_initialised_as_without_it(model_dir: Path) 
         )
 
 
+def guard_settings(model_dir: Path, **train: object) -> GuardSettings:
+    """Guard settings on the tiny model with a constant learning rate (runs and resumes compare)."""
+    constant = {"learning_rate": 2e-3, "lr_scheduler": "constant_with_warmup", "warmup_ratio": 0.0}
+    return GuardSettings(
+        base_model=str(model_dir), train=TrainConfig(**(constant | train)), max_length=256, eval_batch_size=16
+    )
+
+
 def test_a_few_steps_lower_the_loss_then_resume_and_load(model_dir: Path, tmp_path: Path) -> None:
     # 8 pairs -> 16 rows = one batch: every step sees the same rows, so the losses are comparable.
     data = to_dataset(generate_records(8, seed=11))
-    settings = GuardSettings(
-        base_model=str(model_dir),
-        train=TrainConfig(
-            epochs=6,
-            per_device_batch_size=16,
-            learning_rate=2e-3,
-            lr_scheduler="constant_with_warmup",
-            warmup_ratio=0.0,
-            log_every_steps=1,
-        ),
-        max_length=256,
-        eval_batch_size=16,
-    )
+    settings = guard_settings(model_dir, epochs=6, per_device_batch_size=16, log_every_steps=1)
     logged: list[tuple[int, dict[str, float]]] = []
     metrics = train_guard(
         settings,
@@ -300,8 +300,9 @@ def test_a_few_steps_lower_the_loss_then_resume_and_load(model_dir: Path, tmp_pa
         evaluation=data,
         out_dir=tmp_path / "guard",
         checkpoint_dir=tmp_path / "checkpoints",
+        checkpoint_key=KEY,
         sink=lambda values, step: logged.append((step, values)),
-    )
+    ).metrics
     steps = [values for _, values in logged if "train/loss" in values]
     assert len(steps) == 6
     losses = [values["train/loss"] for values in steps]
@@ -325,7 +326,32 @@ def test_a_few_steps_lower_the_loss_then_resume_and_load(model_dir: Path, tmp_pa
         evaluation=data,
         out_dir=None,
         checkpoint_dir=tmp_path / "checkpoints",
+        checkpoint_key=KEY,
         sink=lambda values, step: resumed.append(values),
-    )
+    ).metrics
     assert resumed == []
     assert again == metrics
+
+
+def test_a_max_steps_stop_mid_epoch_is_continued_not_skipped(model_dir: Path, tmp_path: Path) -> None:
+    """After a `max_steps` stop the checkpoint records the batch reached, not the next epoch (guard
+    training used to): a rerun with a higher cap trains the rest of that epoch, exactly as a run
+    that never stopped."""
+    data = to_dataset(generate_records(8, seed=11))  # 16 rows: 4 batches of 4 per epoch
+
+    def run(max_steps: int, checkpoints: Path) -> dict[str, torch.Tensor]:
+        settings = guard_settings(model_dir, epochs=2, max_steps=max_steps, per_device_batch_size=4)
+        out = tmp_path / f"guard-{checkpoints.name}-{max_steps}"
+        train_guard(
+            settings, train=data, evaluation=data, out_dir=out, checkpoint_dir=checkpoints, checkpoint_key=KEY
+        )
+        return load_file(out / "model.safetensors") | load_file(out / HEADS_FILE)
+
+    run(2, tmp_path / "stopped")
+    state = json.loads((tmp_path / "stopped" / "step-2" / STATE).read_text())
+    assert state["position"] == {"epoch": 0, "batches_done": 2}
+    continued = run(6, tmp_path / "stopped")
+    straight = run(6, tmp_path / "straight")
+    assert continued.keys() == straight.keys()
+    for key, tensor in straight.items():
+        assert torch.equal(continued[key], tensor), key

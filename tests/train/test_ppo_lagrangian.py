@@ -9,29 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlp_training import KEY
 from transformers import AutoProcessor
 
 from safe_rlhf_v.config import LoraSettings, PPOStageConfig
 from safe_rlhf_v.data.sources import load_split
-from safe_rlhf_v.models.score import ScoreModel
 from safe_rlhf_v.train.ppo_lagrangian import PPOLagrangianTrainer, PPOModels
 from safe_rlhf_v.train.rollout import response_mask
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> PPOModels:
-    root = tmp_path_factory.mktemp("score-models")
-    processor = AutoProcessor.from_pretrained(tiny_model)
-    for kind in ("reward", "cost"):
-        torch.manual_seed(1 if kind == "reward" else 2)
-        ScoreModel.from_base(str(tiny_model), kind).save(root / kind, processor=processor)
-    return PPOModels(
-        actor=str(tiny_model),
-        reward=str(root / "reward"),
-        cost=str(root / "cost"),
-        reward_critic=str(root / "reward"),
-        cost_critic=str(root / "cost"),
-    )
 
 
 def config(threshold: float, **actor: object) -> PPOStageConfig:
@@ -60,12 +44,18 @@ def config(threshold: float, **actor: object) -> PPOStageConfig:
 
 
 def trainer(
-    cfg: PPOStageConfig, models: PPOModels, demo_data: Path, ckpt: Path, variant: str = "safe-rlhf-v"
+    cfg: PPOStageConfig, ppo_models: PPOModels, demo_data: Path, ckpt: Path, variant: str = "safe-rlhf-v"
 ):
     prompts = load_split(str(demo_data), "train").select(range(16))
     history: list[dict[str, float]] = []
     return PPOLagrangianTrainer(
-        cfg, models, prompts, variant=variant, checkpoint_dir=ckpt, sink=lambda m, s: history.append(m)
+        cfg,
+        ppo_models,
+        prompts,
+        variant=variant,
+        checkpoint_dir=ckpt,
+        checkpoint_key=KEY,
+        sink=lambda m, s: history.append(m),
     ), history
 
 
@@ -76,9 +66,9 @@ def test_response_mask_stops_after_the_first_eos() -> None:
 
 @pytest.mark.parametrize(("threshold", "direction"), [(-50.0, 1.0), (50.0, -1.0)])
 def test_lambda_moves_with_the_budget(
-    tmp_path: Path, models: PPOModels, demo_data: Path, threshold: float, direction: float
+    tmp_path: Path, ppo_models: PPOModels, demo_data: Path, threshold: float, direction: float
 ) -> None:
-    run, history = trainer(config(threshold), models, demo_data, tmp_path / "ckpt")
+    run, history = trainer(config(threshold), ppo_models, demo_data, tmp_path / "ckpt")
     metrics = run.train()
     lambdas = [1.0] + [m["train/lambda"] for m in history]
     steps = [b - a for a, b in itertools.pairwise(lambdas)]
@@ -97,41 +87,60 @@ def test_lambda_moves_with_the_budget(
 
 
 def test_reward_only_keeps_lambda_at_zero_without_a_cost_critic(
-    tmp_path: Path, models: PPOModels, demo_data: Path
+    tmp_path: Path, ppo_models: PPOModels, demo_data: Path
 ) -> None:
-    run, history = trainer(config(-50.0), models, demo_data, tmp_path / "ckpt", variant="reward-only")
+    run, history = trainer(config(-50.0), ppo_models, demo_data, tmp_path / "ckpt", variant="reward-only")
     run.train()
     assert run.roles.cost_critic is None
     assert [m["train/lambda"] for m in history] == [0.0, 0.0]
 
 
-def test_kill_and_resume_continues_with_the_same_lambda_and_step(
-    tmp_path: Path, models: PPOModels, demo_data: Path
+def test_a_rerun_after_the_last_checkpoint_returns_the_real_figures_and_the_full_history(
+    tmp_path: Path, ppo_models: PPOModels, demo_data: Path
 ) -> None:
+    """A run killed after its last checkpoint (before publishing) is rerun: it trains nothing and
+    returns the last step's lambda and J_C and every step's history, not zeros and an empty list."""
     ckpt = tmp_path / "ckpt"
-    first, _ = trainer(config(-50.0, max_steps=2, checkpoint_every_steps=1), models, demo_data, ckpt)
-    first.train()
-    saved_lambda = first.multiplier.value
-    saved_costs = list(first.multiplier.costs)
-    assert (ckpt / "state" / "step-2.json").exists()
-    resumed, history = trainer(config(-50.0, max_steps=3, checkpoint_every_steps=1), models, demo_data, ckpt)
-    resumed.resume()
-    assert resumed.step == 2
-    assert resumed.multiplier.value == pytest.approx(saved_lambda)
-    assert list(resumed.multiplier.costs) == pytest.approx(saved_costs)
-    resumed.step = 0  # train() resumes by itself; start from a clean slate to prove it
-    resumed.train()
-    assert resumed.step == 3 and len(history) == 1, "only the missing step ran"
-    assert resumed.roles.actor.global_step == 3
+    cfg = config(-50.0, max_steps=3, checkpoint_every_steps=1, keep_checkpoints=1)
+    first, _ = trainer(cfg, ppo_models, demo_data, ckpt)
+    last = first.train()
+    assert [record["step"] for record in first.history] == [1, 2, 3]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-3"]
+
+    rerun, emitted = trainer(cfg, ppo_models, demo_data, ckpt)
+    again = rerun.train()
+    assert emitted == [], "no step ran again"
+    assert rerun.step == 3 and rerun.roles.actor.global_step == 3
+    assert again == last and again["lambda"] > 1.0 and "J_C" in again
+    assert rerun.history == first.history
+    assert rerun.multiplier.value == pytest.approx(first.multiplier.value)
+    assert list(rerun.multiplier.costs) == pytest.approx(list(first.multiplier.costs))
+
+
+def test_a_pickle_only_policy_folder_is_refused(
+    tmp_path: Path, ppo_models: PPOModels, demo_data: Path
+) -> None:
+    """Models load from safetensors only: a folder holding only pytorch_model.bin is an error."""
+    from transformers import AutoModelForImageTextToText
+
+    pickled = tmp_path / "pickled-policy"
+    policy = AutoModelForImageTextToText.from_pretrained(ppo_models.actor)
+    policy.config.save_pretrained(pickled)
+    AutoProcessor.from_pretrained(ppo_models.actor).save_pretrained(pickled)
+    torch.save(policy.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(OSError, match=r"model\.safetensors"):
+        trainer(
+            config(-50.0), dataclasses.replace(ppo_models, actor=str(pickled)), demo_data, tmp_path / "ckpt"
+        )
 
 
 def test_lora_actor_trains_adapters_only_and_saves_a_merged_policy(
-    tmp_path: Path, models: PPOModels, demo_data: Path
+    tmp_path: Path, ppo_models: PPOModels, demo_data: Path
 ) -> None:
     from transformers import AutoModelForImageTextToText
 
     cfg = config(-50.0).model_copy(update={"actor_lora": LoraSettings(r=4, alpha=8)})
-    run, _ = trainer(cfg, models, demo_data, tmp_path / "ckpt")
+    run, _ = trainer(cfg, ppo_models, demo_data, tmp_path / "ckpt")
     actor = run.roles.actor.module
     trainable = sum(p.numel() for p in actor.parameters() if p.requires_grad)
     total = sum(p.numel() for p in actor.parameters())
@@ -146,7 +155,7 @@ def test_lora_actor_trains_adapters_only_and_saves_a_merged_policy(
 
 
 def test_ptx_joins_the_actor_step_so_the_lr_schedule_runs_once(
-    tmp_path: Path, models: PPOModels, demo_data: Path
+    tmp_path: Path, ppo_models: PPOModels, demo_data: Path
 ) -> None:
     """The PTX gradient goes into the RL step: one optimizer step per micro-batch, as the LR
     schedule's horizon counts, so a cosine LR decays to its end once instead of climbing back."""
@@ -157,8 +166,8 @@ def test_ptx_joins_the_actor_step_so_the_lr_schedule_runs_once(
     history: list[dict[str, float]] = []
     cfg = config(-50.0, max_steps=4, lr_scheduler="cosine", warmup_ratio=0.0)
     run = PPOLagrangianTrainer(
-        cfg, models, prompts, variant="safe-rlhf-v", checkpoint_dir=tmp_path / "ckpt", ptx=ptx,
-        sink=lambda metrics, step: history.append(metrics),
+        cfg, ppo_models, prompts, variant="safe-rlhf-v", checkpoint_dir=tmp_path / "ckpt", checkpoint_key=KEY,
+        ptx=ptx, sink=lambda metrics, step: history.append(metrics),
     )  # fmt: skip
     metrics = run.train()
     assert metrics["ptx_loss"] > 0 and math.isfinite(metrics["ptx_loss"])
@@ -178,7 +187,7 @@ def _trained_weights(run: PPOLagrangianTrainer) -> dict[str, torch.Tensor]:
 
 
 def test_reusing_the_training_forward_matches_the_separate_scoring_passes(
-    tmp_path: Path, models: PPOModels, demo_data: Path
+    tmp_path: Path, ppo_models: PPOModels, demo_data: Path
 ) -> None:
     """One update of one micro-batch: the critics' old values read from their training forward give
     the same losses and the same parameter updates as the separate scoring passes."""
@@ -190,8 +199,8 @@ def test_reusing_the_training_forward_matches_the_separate_scoring_passes(
             "critic": cfg.critic.model_copy(update=no_warmup),
         }
     )
-    separate, _ = trainer(cfg, models, demo_data, tmp_path / "separate")
-    reusing, _ = trainer(cfg, models, demo_data, tmp_path / "reusing")
+    separate, _ = trainer(cfg, ppo_models, demo_data, tmp_path / "separate")
+    reusing, _ = trainer(cfg, ppo_models, demo_data, tmp_path / "reusing")
     assert reusing.reuse_training_forward, "the tiny model has no dropout and the config one micro-batch"
     separate.reuse_training_forward = False
     before = _trained_weights(separate)
@@ -217,9 +226,9 @@ def test_reusing_the_training_forward_matches_the_separate_scoring_passes(
 
 
 def test_a_rollout_without_critic_values_needs_a_single_update(
-    tmp_path: Path, models: PPOModels, demo_data: Path
+    tmp_path: Path, ppo_models: PPOModels, demo_data: Path
 ) -> None:
-    run, _ = trainer(config(-50.0), models, demo_data, tmp_path / "ckpt")
+    run, _ = trainer(config(-50.0), ppo_models, demo_data, tmp_path / "ckpt")
     torch.manual_seed(0)
     lean = run.rollout(_rows(run, 2))
     run.cfg = run.cfg.model_copy(update={"update_iters": 2})
@@ -243,9 +252,9 @@ def test_a_rollout_without_critic_values_needs_a_single_update(
     ],
 )
 def test_the_training_forward_is_reused_only_for_one_update_of_one_micro_batch(
-    tmp_path: Path, models: PPOModels, demo_data: Path, change: dict[str, int], reuse: bool
+    tmp_path: Path, ppo_models: PPOModels, demo_data: Path, change: dict[str, int], reuse: bool
 ) -> None:
-    run, _ = trainer(config(-50.0).model_copy(update=change), models, demo_data, tmp_path / "ckpt")
+    run, _ = trainer(config(-50.0).model_copy(update=change), ppo_models, demo_data, tmp_path / "ckpt")
     assert run.reuse_training_forward is reuse
     torch.manual_seed(0)
     rollout = run.rollout(_rows(run, run.cfg.prompt_batch_size))
@@ -255,7 +264,7 @@ def test_the_training_forward_is_reused_only_for_one_update_of_one_micro_batch(
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # DeepSpeed's ZeRO-3 calls deprecated collectives
 @pytest.mark.parametrize("old_log_probs_from", ["generation", "rollout"])
 def test_zero3_actor_and_critics_start_from_the_saved_heads_and_train(
-    tmp_path: Path, models: PPOModels, demo_data: Path, old_log_probs_from: str
+    tmp_path: Path, ppo_models: PPOModels, demo_data: Path, old_log_probs_from: str
 ) -> None:
     import deepspeed
     from safetensors.torch import load_file
@@ -267,8 +276,8 @@ def test_zero3_actor_and_critics_start_from_the_saved_heads_and_train(
     cfg = cfg.model_copy(
         update={"actor": cfg.actor.model_copy(update=stage3), "critic": cfg.critic.model_copy(update=stage3)}
     )
-    run, history = trainer(cfg, models, demo_data, tmp_path / "ckpt")
-    critics = {"reward_critic": models.reward_critic, "cost_critic": models.cost_critic}
+    run, history = trainer(cfg, ppo_models, demo_data, tmp_path / "ckpt")
+    critics = {"reward_critic": ppo_models.reward_critic, "cost_critic": ppo_models.cost_critic}
     for name, folder in critics.items():
         head = run.roles.trained()[name].module.score_head
         assert all(p.numel() == 0 for p in head.parameters())  # partitioned at construction
@@ -369,3 +378,39 @@ def test_a_forward_pass_with_dropout_cannot_stand_in_for_another() -> None:
     assert stochastic_forward(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1)))
     assert not stochastic_forward(llama())
     assert stochastic_forward(llama(attention_dropout=0.1))  # functional: no Dropout module shows it
+
+
+def test_the_stage_rerun_after_its_last_checkpoint_publishes_the_real_results(
+    tmp_path: Path, ppo_models: PPOModels, validated_data: Path
+) -> None:
+    """The stage killed after its last checkpoint is retried under the same pipeline run: it used to
+    publish final_lambda 0, final_J_C 0 and an empty history.json (the report's lambda/J_C chart)."""
+    import json
+
+    from safe_rlhf_v.config import config_from_dict
+    from safe_rlhf_v.stages import train_ppo
+
+    ppo = config(-50.0, max_steps=3, checkpoint_every_steps=1).model_dump() | {"eval_prompts": 4}
+    cfg = config_from_dict(
+        {
+            "work_dir": str(tmp_path / "work"),
+            "data": {"uri": "unused"},
+            "base_model": ppo_models.actor,
+            "tracking": {"experiment": "ppo-stage-rerun"},
+            "train_ppo_lag": ppo,
+        }
+    )
+
+    def run(out: str) -> tuple[dict, list]:
+        train_ppo.run(cfg, str(validated_data), ppo_models.reward, ppo_models.cost, str(tmp_path / out),
+                      pipeline_run_id="run-9")  # fmt: skip
+        folder = tmp_path / out
+        return json.loads((folder / "metrics.json").read_text()), json.loads(
+            (folder / "history.json").read_text()
+        )
+
+    metrics, history = run("first")
+    assert [record["step"] for record in history] == [1, 2, 3]
+    assert metrics["final_lambda"] == history[-1]["lambda"] > 1.0
+    assert metrics["final_J_C"] == history[-1]["J_C"] != 0.0
+    assert run("retried") == (metrics, history)

@@ -11,14 +11,18 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from mlp_training import KEY
 
+from safe_rlhf_v.cli import main
 from safe_rlhf_v.config import TrainConfig, load_config
 from safe_rlhf_v.data.sources import load_split
 from safe_rlhf_v.models.score import ScoreModel
 from safe_rlhf_v.stages import train_score
 from safe_rlhf_v.stages.lineage import read_lineage, validated_dataset_uri
+from safe_rlhf_v.train.checkpoint import STATE
 from safe_rlhf_v.train.cost import CostObjective
 from safe_rlhf_v.train.distributed import find_free_port
+from safe_rlhf_v.train.loop import TrainingResult
 from safe_rlhf_v.train.preference import PreferenceSettings, train_preference_model
 from safe_rlhf_v.train.reward import RewardObjective
 
@@ -60,8 +64,9 @@ def test_reward_training_under_zero2_lowers_the_loss(
         evaluation=data["evaluation"],
         out_dir=tmp_path / "model",
         checkpoint_dir=tmp_path / "ckpt",
+        checkpoint_key=KEY,
         sink=lambda values, step: losses.append(values["train/loss"]) if "train/loss" in values else None,
-    )
+    ).metrics
     assert len(losses) == 30  # 80 pairs / 8 per batch x 3 epochs, logged every step
     assert sum(losses[-5:]) / 5 < 0.7 * (sum(losses[:5]) / 5), losses
     assert metrics["accuracy"] > 0.75, metrics  # chance is 0.5
@@ -78,38 +83,50 @@ def test_cost_training_learns_the_sign(tmp_path: Path, tiny_model: Path, validat
         evaluation=data["evaluation"],
         out_dir=None,
         checkpoint_dir=tmp_path / "ckpt",
-    )
+        checkpoint_key=KEY,
+    ).metrics
     assert metrics["pairwise_accuracy"] > 0.75, metrics
     assert metrics["sign_accuracy"] > 0.75, metrics
 
 
-def test_interrupted_training_resumes_from_its_checkpoint(
+def test_a_run_resumed_at_max_steps_takes_no_extra_step_and_a_longer_one_goes_on(
     tmp_path: Path, tiny_model: Path, validated_data: Path
 ) -> None:
+    """The cap is checked before a step, not after: resuming a run that reached `max_steps` trains
+    nothing (it used to take one more optimizer step); raising the cap continues the same epoch."""
     data = splits(validated_data)
     ckpt = tmp_path / "ckpt"
-    first: list[int] = []
-    train_preference_model(
-        RewardObjective(),
-        settings(tiny_model, epochs=2, max_steps=2, checkpoint_every_steps=2),
-        train=data["train"],
-        evaluation=data["evaluation"],
-        out_dir=None,
-        checkpoint_dir=ckpt,
-        sink=lambda values, step: first.append(step),
-    )
-    assert (ckpt / "step-2" / "manifest.json").exists()
-    resumed: list[int] = []
-    train_preference_model(
-        RewardObjective(),
-        settings(tiny_model, epochs=2, max_steps=4, checkpoint_every_steps=2),
-        train=data["train"],
-        evaluation=data["evaluation"],
-        out_dir=None,
-        checkpoint_dir=ckpt,
-        sink=lambda values, step: resumed.append(step) if "train/loss" in values else None,
-    )
-    assert resumed == [3, 4], "training continued from the checkpoint's step, not from scratch"
+    constant = {
+        "epochs": 2,
+        "checkpoint_every_steps": 2,
+        "lr_scheduler": "constant_with_warmup",
+        "warmup_ratio": 0.0,
+    }
+
+    def run(max_steps: int) -> tuple[list[int], TrainingResult]:
+        steps: list[int] = []
+        result = train_preference_model(
+            RewardObjective(),
+            settings(tiny_model, max_steps=max_steps, **constant),
+            train=data["train"],
+            evaluation=data["evaluation"],
+            out_dir=None,
+            checkpoint_dir=ckpt,
+            checkpoint_key=KEY,
+            sink=lambda values, step: steps.append(step) if "train/loss" in values else None,
+        )
+        return steps, result
+
+    first_steps, first = run(2)
+    assert first_steps == [1, 2]
+    assert json.loads((ckpt / "step-2" / STATE).read_text())["position"] == {"epoch": 0, "batches_done": 2}
+    again_steps, again = run(2)
+    assert again_steps == [], "resuming at max_steps trained on"
+    assert again.metrics == first.metrics and again.history == first.history
+    assert not (ckpt / "step-3").exists()
+    longer_steps, longer = run(4)
+    assert longer_steps == [3, 4], "training continued from the checkpoint's step, not from scratch"
+    assert [r["step"] for r in longer.history if "train/loss" in r] == [1, 2, 3, 4]
 
 
 def stage_config(tmp_path: Path, model: Path, **train: object) -> Path:
@@ -179,3 +196,25 @@ def test_two_process_torchrun_training_lowers_the_loss(
     history = [m.value for m in client.get_metric_history(run_id, "train/loss")]
     assert len(history) == 30  # 80 pairs / (4 per rank x 2 ranks) = 10 steps an epoch, 3 epochs
     assert sum(history[-4:]) / 4 < sum(history[:4]) / 4, history
+
+
+def test_a_changed_config_under_the_same_pipeline_run_refuses_to_resume(
+    tmp_path: Path, tiny_model: Path, validated_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A retry of the same pipeline run with another learning rate used to resume the old checkpoint
+    silently and publish its weights; now it stops with one line naming what changed, publishes
+    nothing, and goes on only when told to."""
+    config = stage_config(tmp_path, tiny_model, max_steps=2)
+    common = ["--config", str(config), "--data", str(validated_data), "--pipeline-run-id", "run-7"]
+    assert main(["train-reward", *common, "--out", str(tmp_path / "first")]) == 0
+    capsys.readouterr()
+    changed = [*common, "--set", "train_reward.train.learning_rate=0.01"]
+    assert main(["train-reward", *changed, "--out", str(tmp_path / "second")]) == 2
+    printed = capsys.readouterr().err.strip().splitlines()  # progress bars, then the error
+    error = printed[-1]
+    assert error.startswith("error: refusing to resume") and "Traceback" not in "".join(printed)
+    assert "reward.learning_rate (0.002 -> 0.01)" in error
+    assert not (tmp_path / "second").exists()
+    override = ["--set", "train_reward.train.resume_with_changed_config=true"]
+    assert main(["train-reward", *changed, *override, "--out", str(tmp_path / "second")]) == 0
+    assert (tmp_path / "second" / "metrics.json").is_file()

@@ -10,6 +10,7 @@ from typing import Any
 import datasets
 import pytest
 import torch
+from mlp_training import KEY
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, LlavaProcessor
 
@@ -18,7 +19,7 @@ from safe_rlhf_v.config import TrainConfig
 from safe_rlhf_v.data.collate import IGNORE_INDEX, SupervisedCollator, render_prompt
 from safe_rlhf_v.data.sources import load_split, to_flat
 from safe_rlhf_v.data.synthetic import write_demo_data
-from safe_rlhf_v.train.checkpoint import CLIENT_STATE
+from safe_rlhf_v.train.checkpoint import STATE
 from safe_rlhf_v.train.sft import examples_from_pairs, supervised_finetune
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -152,9 +153,10 @@ def test_sft_lowers_the_held_out_loss_and_saves_a_loadable_policy(
         config(),
         out_dir=tmp_path / "policy",
         checkpoint_dir=tmp_path / "ckpt",
+        checkpoint_key=KEY,
         max_length=ROOMY,
         sink=lambda values, step: logged.append((step, values)),
-    )
+    ).metrics
     evals = [(step, values) for step, values in logged if "eval/loss" in values]
     assert [step for step, _ in evals] == [0, 10, 20, 30]  # before training, then each epoch of 40 / 4 rows
     initial, final = evals[0][1]["eval/loss"], evals[-1][1]["eval/loss"]
@@ -199,9 +201,10 @@ def test_resume_after_interruption_continues_from_the_saved_step(
             cfg,
             out_dir=tmp_path / f"out-{checkpoint_dir.name}",
             checkpoint_dir=checkpoint_dir,
+            checkpoint_key=KEY,
             max_length=ROOMY,
             sink=sink,
-        )
+        ).metrics
 
     def interrupt_at_step_3(values: dict[str, float], step: int) -> None:
         if step == 3:
@@ -210,14 +213,14 @@ def test_resume_after_interruption_continues_from_the_saved_step(
     with pytest.raises(Interrupted):
         run(tmp_path / "resumed", interrupt_at_step_3)
     saved = tmp_path / "resumed" / "step-2"
-    assert json.loads((saved / CLIENT_STATE).read_text()) == {"epoch": 0, "micro_batches_done": 2}
+    assert json.loads((saved / STATE).read_text())["position"] == {"epoch": 0, "batches_done": 2}
 
     steps: list[int] = []
     resumed = run(tmp_path / "resumed", lambda values, step: steps.append(step))
     assert steps == [3, 4, 4]  # train/loss of steps 3 and 4, then the evaluation; no step-0 evaluation
     # max_steps stopped the run mid-epoch: its checkpoint says so, and a rerun trains no further.
     final = tmp_path / "resumed" / "step-4"
-    assert json.loads((final / CLIENT_STATE).read_text()) == {"epoch": 0, "micro_batches_done": 4}
+    assert json.loads((final / STATE).read_text())["position"] == {"epoch": 0, "batches_done": 4}
 
     steps.clear()
     assert run(tmp_path / "resumed", lambda values, step: steps.append(step)) == pytest.approx(resumed)
@@ -249,6 +252,7 @@ def test_a_nan_loss_stops_training_with_a_clear_error(
             config(),
             out_dir=tmp_path / "out",
             checkpoint_dir=tmp_path / "ckpt",
+            checkpoint_key=KEY,
             max_length=ROOMY,
         )
 

@@ -25,6 +25,7 @@ from safe_rlhf_v.stages.lineage import dataset_digests, model_digest, validated_
 from safe_rlhf_v.stages.train_score import checkpoint_dir
 from safe_rlhf_v.train.distributed import init_distributed
 from safe_rlhf_v.train.guard import GuardSettings, train_guard
+from safe_rlhf_v.train.integrity import checkpoint_key
 
 STAGE = "train-guard"
 
@@ -110,8 +111,9 @@ def run(
             evaluation=evaluation,
             out_dir=out,
             checkpoint_dir=checkpoint_dir(cfg, pipeline_run_id, STAGE),
+            checkpoint_key=checkpoint_key(cfg.work_dir),
             sink=lambda values, step: mlflow.log_metrics(values, step=step),
-        )
+        ).metrics
         scalars = {k: float(v) for k, v in metrics.items() if k != "confusion"}
         if not main:
             return StageResult(stage=STAGE, status="succeeded", metrics=scalars)

@@ -25,6 +25,7 @@ from safe_rlhf_v.stages.common import RESULT_FILE, StageResult, local_model, sta
 from safe_rlhf_v.stages.lineage import dataset_digests, model_digest, validated_dataset_uri, write_lineage
 from safe_rlhf_v.stages.train_score import checkpoint_dir
 from safe_rlhf_v.train.distributed import init_distributed
+from safe_rlhf_v.train.integrity import checkpoint_key
 from safe_rlhf_v.train.ppo_lagrangian import PPOLagrangianTrainer, PPOModels, quick_eval
 
 STAGE = "train-ppo-lag"
@@ -64,12 +65,6 @@ def run(
     held_out = held_out.select(range(min(section.eval_prompts, len(held_out))))
     ptx = load_split(section.ptx_data, "train", cache_dir=cache) if section.ptx_data else None
     name = f"{STAGE}/{variant}"
-    history: list[dict[str, float]] = []
-
-    def sink(values: dict[str, float], step: int) -> None:
-        mlflow.log_metrics(values, step=step)
-        history.append({"step": step, **{k.removeprefix("train/"): v for k, v in values.items()}})
-
     run_context = tracking.stage_run(name, pipeline_run_id, cfg.tracking, cfg.work_dir) if main else None
     with (
         run_context or contextlib.nullcontext() as mlrun,
@@ -92,8 +87,9 @@ def run(
             train,
             variant=variant,
             checkpoint_dir=checkpoint_dir(cfg, pipeline_run_id, f"{STAGE}-{variant}"),
+            checkpoint_key=checkpoint_key(cfg.work_dir),
             ptx=ptx,
-            sink=sink,
+            sink=lambda values, step: mlflow.log_metrics(values, step=step),
         )
         last = trainer.train()
         evaluation = quick_eval(
@@ -123,7 +119,7 @@ def run(
         }
         write_lineage(out, lineage)
         write_json(out / "metrics.json", metrics)
-        write_json(out / "history.json", history)
+        write_json(out / "history.json", trainer.history)
         result = StageResult(
             stage=STAGE,
             status="succeeded",

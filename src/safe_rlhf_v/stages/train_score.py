@@ -28,6 +28,7 @@ from safe_rlhf_v.stages.common import RESULT_FILE, StageResult, local_model, sta
 from safe_rlhf_v.stages.lineage import dataset_digests, model_digest, validated_dataset_uri, write_lineage
 from safe_rlhf_v.train.cost import CostObjective
 from safe_rlhf_v.train.distributed import init_distributed
+from safe_rlhf_v.train.integrity import checkpoint_key
 from safe_rlhf_v.train.preference import Objective, PreferenceSettings, train_preference_model
 from safe_rlhf_v.train.reward import RewardObjective
 
@@ -102,8 +103,9 @@ def run(
                 evaluation=splits["evaluation"],
                 out_dir=out,
                 checkpoint_dir=checkpoint_dir(cfg, pipeline_run_id, stage),
+                checkpoint_key=checkpoint_key(cfg.work_dir),
                 sink=lambda values, step: mlflow.log_metrics(values, step=step),
-            )
+            ).metrics
             if not main:
                 return StageResult(stage=stage, status="succeeded", metrics=metrics)
             base_sha = model_digest(base_model)

@@ -22,28 +22,24 @@ Choices, and why:
   ZeRO-1/2 become stage 0 since with no optimizer there is nothing for them to shard
   (align-anything's and TRL's convention).
 
-Resume contract for trainers: call `save_checkpoint` right after `backward_and_step` returned True,
-with a JSON `client_state` that says where the data stream stands, e.g.
-`{"epoch": 1, "micro_batches_done": 120}` (micro-batches of that epoch already consumed, identical
-on every rank). After a restart, `load_latest` restores weights, optimizer, LR schedule, global step
-and every RNG, and returns that dict; the trainer re-seeds its sampler for the epoch and skips the
-consumed micro-batches. `load_latest` returns None when there is nothing (valid) to resume.
-Under ZeRO-3 load into a freshly built Engine, never into the one that just saved (DeepSpeed rule).
-A checkpoint root must be visible to every rank (a shared volume when running on several nodes).
+Checkpoints: `save_state` / `load_state` write and read one engine's DeepSpeed state (weights,
+optimizer, LR schedule, global step) inside a step folder; `checkpoint.Checkpointer` makes all
+engines of a stage and the loop's state one sealed transaction around them. DeepSpeed's reads go
+through `integrity.WeightsOnlyCheckpointEngine` (tensors only, no pickle). Under ZeRO-3 load into a
+freshly built Engine, never into the one that just saved (DeepSpeed rule). A checkpoint root must
+be visible to every rank (a shared volume when running on several nodes).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
 import random
-import shutil
 import socket
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -53,17 +49,18 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 from torch import nn
-from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from safe_rlhf_v.config import TrainConfig
-from safe_rlhf_v.train import checkpoint as ckpt
+from safe_rlhf_v.train.integrity import WeightsOnlyCheckpointEngine
 
 T = TypeVar("T")
+M = TypeVar("M", bound=nn.Module)
 Precision = Literal["auto", "fp32", "bf16"]
 
 _LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -265,35 +262,11 @@ def model_init_context(ds_config: dict[str, Any]) -> contextlib.AbstractContextM
     return contextlib.nullcontext()
 
 
-def total_optimizer_steps(cfg: TrainConfig, micro_batches_per_epoch: int) -> int:
-    """Optimizer steps of a run, the horizon of the LR schedule.
-
-    DeepSpeed counts micro-batches across epochs, so an epoch whose length is not a multiple of
-    `gradient_accumulation_steps` carries its remainder into the next one.
-    """
-    steps = cfg.epochs * micro_batches_per_epoch // cfg.gradient_accumulation_steps
-    if steps < 1:
-        raise ValueError(
-            f"{micro_batches_per_epoch} micro-batches per epoch × {cfg.epochs} epochs is fewer than "
-            f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}: no optimizer step would happen; "
-            "lower gradient_accumulation_steps or per_device_batch_size, or add data"
-        )
-    return min(steps, cfg.max_steps) if cfg.max_steps is not None else steps
-
-
-def epoch_sampler(rows: int, cfg: TrainConfig, dist: DistInfo, what: str) -> tuple[DistributedSampler, int]:
-    """This rank's shuffled share of `rows` training rows and its number of full micro-batches per
-    epoch (a partial batch is dropped, so every rank runs the same number of steps)."""
-    sampler = DistributedSampler(
-        range(rows), num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed, drop_last=True
-    )
-    per_epoch = len(sampler) // cfg.per_device_batch_size
-    if per_epoch == 0:
-        raise ValueError(
-            f"{rows} {what} give no full batch of {cfg.per_device_batch_size} per process "
-            f"on {dist.world_size} process(es); lower per_device_batch_size"
-        )
-    return sampler, per_epoch
+def build_for_training(cfg: TrainConfig, build: Callable[[], M]) -> M:
+    """`build()` for a model that `cfg` will train: under ZeRO-3 partitioned as it is created."""
+    dist = init_distributed()
+    with model_init_context(train_ds_config(cfg, dist.world_size, dist.device.type)):
+        return build()
 
 
 def _num_elements(param: nn.Parameter) -> int:
@@ -339,6 +312,11 @@ class Engine:
         )[0]
         if self.dist.world_size == 1 and cfg.zero_stage == 0:
             self.ds.enable_backward_allreduce = False  # an all-reduce over one process is an identity
+        if type(self.ds.checkpoint_engine) is not TorchCheckpointEngine:
+            raise RuntimeError(
+                f"{name}: unexpected DeepSpeed checkpoint engine {type(self.ds.checkpoint_engine)}"
+            )
+        self.ds.checkpoint_engine = WeightsOnlyCheckpointEngine(self.ds._config)
         logger.info(
             "%s: %d trainable of %d parameters, ZeRO-%d, %s, %d process(es) on %s, %d steps (%d warmup)",
             name,
@@ -364,7 +342,7 @@ class Engine:
 
     @property
     def global_step(self) -> int:
-        """Optimizer steps taken, restored by `load_latest`."""
+        """Optimizer steps taken, restored by `load_state`."""
         return int(self.ds.global_steps)
 
     @property
@@ -398,81 +376,18 @@ class Engine:
         """
         return self.ds.micro_steps % self.ds.gradient_accumulation_steps() == 0
 
-    def checkpoint_due(self, *, end_of_epoch: bool) -> bool:
-        """The `checkpoint_every_steps` policy: every N optimizer steps and at every epoch's end.
+    def save_state(self, folder: Path, tag: str) -> None:
+        """DeepSpeed's checkpoint of this engine into `folder/tag`; every rank calls it at a step boundary."""
+        self.ds.save_checkpoint(str(folder), tag=tag, client_state={}, save_latest=False)
 
-        Never between optimizer steps: an epoch whose length is not a multiple of the accumulation
-        steps is checkpointed at the next boundary instead.
-        """
-        every = self.cfg.checkpoint_every_steps
-        return self.at_step_boundary and (end_of_epoch or (every > 0 and self.global_step % every == 0))
-
-    def save_checkpoint(self, root: Path, *, client_state: dict[str, Any]) -> Path:
-        """Save everything needed to resume into `root/step-N`; every rank must call it.
-
-        Returns the tag folder. Keeps the newest `keep_checkpoints` checkpoints.
-        """
-        if not self.at_step_boundary:
-            raise RuntimeError(
-                f"{self.name}: save_checkpoint called between optimizer steps (gradients of "
-                f"{self.ds.micro_steps % self.ds.gradient_accumulation_steps()} micro-batches pending); "
-                "call it right after backward_and_step returned True"
-            )
-        try:
-            json.dumps(client_state)
-        except TypeError as exc:
-            raise TypeError(f"{self.name}: client_state must be JSON-serialisable: {exc}") from exc
-        root = Path(root)
-        step = self.global_step
-        folder = root / ckpt.tag_for(step)
-        if self.is_main:
-            root.mkdir(parents=True, exist_ok=True)
-            if folder.exists():  # left by an interrupted save of this step or an abandoned timeline
-                shutil.rmtree(folder)
-        barrier()
-        self.ds.save_checkpoint(str(root), tag=folder.name, client_state={}, save_latest=False)
-        ckpt.write_json_atomic(folder / ckpt.rng_file(self.dist.rank), ckpt.rng_state())
-        if self.is_main:
-            ckpt.write_json_atomic(folder / ckpt.CLIENT_STATE, client_state)
-        barrier()
-        if self.is_main:
-            ckpt.write_manifest(folder, step=step, world_size=self.dist.world_size)
-            removed = ckpt.prune(root, current_step=step, keep=self.cfg.keep_checkpoints)
-            logger.info(
-                "%s: saved %s%s", self.name, folder, f", removed {len(removed)} old" if removed else ""
-            )
-        barrier()
-        return folder
-
-    def load_latest(self, root: Path, *, step: int | None = None) -> dict[str, Any] | None:
-        """Resume from the newest verified checkpoint under `root`; returns its client_state.
-
-        Rank 0 verifies manifests (skipping, with a warning, any folder that fails) and tells the
-        others which step to load. None when no checkpoint under `root` is valid. `step` asks for
-        exactly that step (trainers with several engines resume them all at one common step).
-        """
-        root = Path(root)
-        found = ckpt.newest_valid(root, logger, step=step) if self.is_main else None
-        chosen = self._broadcast_int(found[0] if found else -1)
-        if chosen < 0:
-            logger.info("%s: no valid checkpoint under %s, starting fresh", self.name, root)
-            return None
-        folder = root / ckpt.tag_for(chosen)
-        saved_world = json.loads((folder / ckpt.MANIFEST).read_text(encoding="utf-8"))["world_size"]
-        if saved_world != self.dist.world_size:
-            raise RuntimeError(
-                f"{folder} was saved by {saved_world} processes but this job has {self.dist.world_size}; "
-                f"DeepSpeed cannot re-partition its state: resume with {saved_world} processes"
-            )
+    def load_state(self, folder: Path, tag: str) -> None:
+        """Weights, optimizer, LR schedule and global step from `folder/tag` (verified by the caller)."""
         load_path, _ = self.ds.load_checkpoint(
-            str(root), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
+            str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if load_path is None:
-            raise RuntimeError(f"{self.name}: DeepSpeed could not load the checkpoint in {folder}")
-        rng = json.loads((folder / ckpt.rng_file(self.dist.rank)).read_text(encoding="utf-8"))
-        ckpt.restore_rng_state(rng)
-        logger.info("%s: resumed from %s (step %d)", self.name, folder, self.global_step)
-        return json.loads((folder / ckpt.CLIENT_STATE).read_text(encoding="utf-8"))
+            raise RuntimeError(f"{self.name}: DeepSpeed could not load the checkpoint in {folder / tag}")
+        logger.info("%s: resumed from %s (step %d)", self.name, folder / tag, self.global_step)
 
     def state_dict_for_save(self) -> dict[str, torch.Tensor]:
         """Full weights on rank 0 for `save_pretrained(..., state_dict=...)`; {} on other ranks.
@@ -487,11 +402,6 @@ class Engine:
         if not self.is_main:
             return {}
         return {key: value.detach().cpu() for key, value in self.module.state_dict().items()}
-
-    def _broadcast_int(self, value: int) -> int:
-        tensor = torch.tensor([value], dtype=torch.long, device=_comm_device())
-        tdist.broadcast(tensor, src=0)
-        return int(tensor.item())
 
 
 def _enable_gradient_checkpointing(model: nn.Module, name: str) -> None:
@@ -532,6 +442,15 @@ def all_reduce_mean(value: float | torch.Tensor) -> float:
     tensor = tensor.reshape(1).to(device=_comm_device(), dtype=torch.float64)
     tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
     return float(tensor) / tdist.get_world_size()
+
+
+def broadcast_int(value: int) -> int:
+    """Rank 0's `value` on every rank (the value itself when not distributed)."""
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return value
+    tensor = torch.tensor([value], dtype=torch.long, device=_comm_device())
+    tdist.broadcast(tensor, src=0)
+    return int(tensor.item())
 
 
 def barrier() -> None:

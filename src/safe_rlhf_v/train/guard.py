@@ -66,27 +66,9 @@ from safe_rlhf_v.data.schema import (
 )
 from safe_rlhf_v.data.sources import to_flat
 from safe_rlhf_v.models.guard import QUERY_LABELS, RATINGS, GuardModel, GuardOutput
-from safe_rlhf_v.train.distributed import (
-    Engine,
-    all_reduce_mean,
-    barrier,
-    epoch_sampler,
-    get_logger,
-    init_distributed,
-    model_init_context,
-    progress,
-    seed_everything,
-    total_optimizer_steps,
-    train_ds_config,
-)
-from safe_rlhf_v.train.preference import (
-    MetricsSink,
-    epoch_batches,
-    eval_indices,
-    format_metrics,
-    gather_rows,
-    micro_batches,
-)
+from safe_rlhf_v.train.batches import PADDING, eval_shards, gather_rows, on_device
+from safe_rlhf_v.train.distributed import Engine, get_logger
+from safe_rlhf_v.train.loop import MetricsSink, TrainingResult, fit, trainer_fingerprint
 
 log = get_logger(__name__)
 
@@ -379,20 +361,9 @@ def guard_metrics(table: GuardEvalTable, categories: Sequence[str]) -> dict[str,
     return scalars | {"confusion": confusion}
 
 
-def _on_device(
-    inputs: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
-) -> dict[str, torch.Tensor]:
-    """Model inputs on the engine's device; floating ones (pixel values) in the engine's dtype."""
-    moved = {key: value.to(device) for key, value in inputs.items()}
-    return {key: value.to(dtype) if value.is_floating_point() else value for key, value in moved.items()}
-
-
 def _forward(engine: Engine, batch: GuardBatch) -> tuple[GuardOutput, GuardOutput]:
     """The guard on the conversations and on the prompts of a batch."""
-    device, dtype = engine.dist.device, engine.dtype
-    return engine(**_on_device(batch.conversations, device, dtype)), engine(
-        **_on_device(batch.prompts, device, dtype)
-    )
+    return engine(**on_device(batch.conversations, engine)), engine(**on_device(batch.prompts, engine))
 
 
 @torch.no_grad()
@@ -402,7 +373,7 @@ def evaluate(
     """Predict every evaluation row (sharded over ranks, gathered back) in eval mode."""
     engine.ds.eval()
     parts: list[torch.Tensor] = []
-    for chunk in micro_batches(eval_indices(len(rows), engine.dist.rank, engine.dist.world_size), batch_size):
+    for chunk in eval_shards(len(rows), batch_size, engine):
         batch = collator([rows[max(i, 0)] for i in chunk])
         conversations, prompts = _forward(engine, batch)
         columns = [
@@ -412,7 +383,7 @@ def evaluate(
             batch.labels["category_id"],
             prompts.query_logits.argmax(dim=1).cpu(),
             batch.labels["query_level"],
-            torch.tensor([i >= 0 for i in chunk], dtype=torch.long),
+            torch.tensor([i != PADDING for i in chunk], dtype=torch.long),
         ]
         parts.append(torch.stack(columns, dim=1))
     local = torch.cat(parts) if parts else torch.empty(0, 7, dtype=torch.long)
@@ -425,8 +396,26 @@ def evaluate(
 # ----------------------------------------------------------------------------------- training
 
 
-def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
-    return {key: value for key, value in metrics.items() if isinstance(value, float)}
+@dataclass(frozen=True)
+class GuardTask:
+    """The loop's view of guard training: the three heads' losses and the evaluation."""
+
+    objective: GuardObjective
+    collator: GuardCollator
+    train: datasets.Dataset
+    evaluation: datasets.Dataset
+    eval_batch_size: int
+    categories: list[str]
+    name: str = "guard"
+
+    def losses(self, engine: Engine, indices: list[int]) -> dict[str, torch.Tensor]:
+        batch = self.collator([self.train[i] for i in indices])
+        labels = {key: value.to(engine.dist.device) for key, value in batch.labels.items()}
+        return self.objective.losses(*_forward(engine, batch), labels)
+
+    def evaluate(self, engine: Engine) -> dict[str, Any]:
+        table = evaluate(engine, self.evaluation, self.collator, self.eval_batch_size)
+        return guard_metrics(table, self.categories)
 
 
 def train_guard(
@@ -436,18 +425,16 @@ def train_guard(
     evaluation: datasets.Dataset,
     out_dir: Path | None,
     checkpoint_dir: Path,
+    checkpoint_key: bytes,
     sink: MetricsSink | None = None,
-) -> dict[str, Any]:
+) -> TrainingResult:
     """Train the guard, evaluate each epoch, save it to ``out_dir`` (rank 0); returns the final
-    :func:`guard_metrics` of the evaluation split.
+    :func:`guard_metrics` of the evaluation split and the history of logged figures.
 
     Same contract as :func:`safe_rlhf_v.train.preference.train_preference_model`: every rank calls
-    it, it resumes from the newest valid checkpoint under ``checkpoint_dir``, and ``sink(metrics,
+    it, it resumes from the newest sealed checkpoint under ``checkpoint_dir``, and ``sink(metrics,
     step)`` receives the scalar figures on rank 0 only.
     """
-    dist = init_distributed()
-    cfg = settings.train
-    seed_everything(cfg.seed, dist.rank)
     categories = list(CATEGORIES)
     train_rows = guard_rows(train, categories)
     eval_rows = guard_rows(evaluation, categories)
@@ -467,63 +454,29 @@ def train_guard(
         label_columns=LABEL_COLUMNS,
         min_response_tokens=settings.min_response_tokens,
     )
-    with model_init_context(train_ds_config(cfg, dist.world_size, dist.device.type)):
-        model = GuardModel.from_base(
+
+    def build() -> GuardModel:
+        return GuardModel.from_base(
             settings.base_model,
             categories=categories,
             freeze_vision_tower=settings.freeze_vision_tower,
             freeze_projector=settings.freeze_projector,
             trust_remote_code=settings.trust_remote_code,
         )
-    sampler, per_epoch = epoch_sampler(len(train_rows), cfg, dist, "guard training rows")
-    engine = Engine(model, cfg, total_steps=total_optimizer_steps(cfg, per_epoch), name="guard")
-    state = engine.load_latest(checkpoint_dir) or {"epoch": 0, "micro_batches_done": 0}
-    emit = sink if (sink is not None and engine.is_main) else (lambda metrics, step: None)
-    metrics: dict[str, Any] = {}
-    for epoch in range(int(state["epoch"]), cfg.epochs):
-        skip = int(state["micro_batches_done"]) if epoch == int(state["epoch"]) else 0
-        done = skip
-        for indices in progress(
-            epoch_batches(sampler, epoch, cfg.per_device_batch_size, skip),
-            total=per_epoch - skip,
-            desc=f"guard epoch {epoch + 1}/{cfg.epochs}",
-        ):
-            batch = collator([train_rows[i] for i in indices])
-            labels = {key: value.to(dist.device) for key, value in batch.labels.items()}
-            losses = objective.losses(*_forward(engine, batch), labels)
-            if not torch.isfinite(losses["loss"]):
-                raise FloatingPointError(
-                    f"guard: loss is {losses['loss'].item()} at step {engine.global_step}; the last good "
-                    f"checkpoint is kept under {checkpoint_dir}: lower learning_rate and resume"
-                )
-            stepped = engine.backward_and_step(losses["loss"])
-            done += 1
-            if not stepped:
-                continue
-            step = engine.global_step
-            if step % cfg.log_every_steps == 0 or step == 1:
-                emit(
-                    {f"train/{k}": all_reduce_mean(v) for k, v in losses.items()} | {"train/lr": engine.lr},
-                    step,
-                )
-            if cfg.max_steps is not None and step >= cfg.max_steps:
-                break
-            if engine.checkpoint_due(end_of_epoch=False):
-                engine.save_checkpoint(
-                    checkpoint_dir, client_state={"epoch": epoch, "micro_batches_done": done}
-                )
-        metrics = guard_metrics(evaluate(engine, eval_rows, collator, settings.eval_batch_size), categories)
-        emit({f"eval/{k}": v for k, v in _scalars(metrics).items()}, engine.global_step)
-        log.info("guard epoch %d: %s", epoch + 1, format_metrics(_scalars(metrics)))
-        finished = cfg.max_steps is not None and engine.global_step >= cfg.max_steps
-        if engine.at_step_boundary:  # gradients still pending cannot be checkpointed
-            engine.save_checkpoint(checkpoint_dir, client_state={"epoch": epoch + 1, "micro_batches_done": 0})
-        if finished:
-            break
-    if not metrics:  # resumed after the last epoch had already finished
-        metrics = guard_metrics(evaluate(engine, eval_rows, collator, settings.eval_batch_size), categories)
-    weights = engine.state_dict_for_save()
-    if engine.is_main and out_dir is not None:
-        model.save(out_dir, processor=processor, state_dict=weights)
-    barrier()
-    return metrics
+
+    def save(model: GuardModel, weights: dict[str, torch.Tensor]) -> None:
+        if out_dir is not None:
+            model.save(out_dir, processor=processor, state_dict=weights)
+
+    return fit(
+        GuardTask(objective, collator, train_rows, eval_rows, settings.eval_batch_size, categories),
+        build,
+        settings.train,
+        rows=len(train_rows),
+        rows_name="guard training rows",
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_key=checkpoint_key,
+        settings=trainer_fingerprint(settings),
+        sink=sink,
+        save=save,
+    )

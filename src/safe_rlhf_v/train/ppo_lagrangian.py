@@ -28,17 +28,13 @@ Variants (ablations through config): `reward-only` (lambda fixed at 0, no cost c
 
 from __future__ import annotations
 
-import json
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from torch.utils.data import DistributedSampler
 from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
 
 from safe_rlhf_v.config import PPOStageConfig, PPOVariant
@@ -46,19 +42,28 @@ from safe_rlhf_v.data.collate import SupervisedCollator
 from safe_rlhf_v.data.ground_truth import TruthVerdict, judge
 from safe_rlhf_v.evaluate.metrics import win_rate
 from safe_rlhf_v.models.score import ScoreModel
-from safe_rlhf_v.storage import atomic_write_text
+from safe_rlhf_v.train.checkpoint import Checkpointer, engine_fingerprint
 from safe_rlhf_v.train.distributed import (
     Engine,
     all_reduce_mean,
-    barrier,
+    build_for_training,
     frozen_engine,
     get_logger,
     init_distributed,
-    model_init_context,
     seed_everything,
-    train_ds_config,
 )
 from safe_rlhf_v.train.lagrangian import LagrangeMultiplier
+from safe_rlhf_v.train.loop import (
+    BatchStream,
+    MetricsLog,
+    MetricsSink,
+    Position,
+    check_finite,
+    every,
+    format_metrics,
+    log_due,
+    reached,
+)
 from safe_rlhf_v.train.losses import (
     combined_advantage,
     critic_loss,
@@ -78,8 +83,6 @@ from safe_rlhf_v.train.rollout import (
 )
 
 log = get_logger(__name__)
-MetricsSink = Callable[[dict[str, float], int], None]
-STATE_DIR = "state"
 PTX_MAX_LENGTH = 4096  # PTX rows are instruction data: their prompts plus answers fit well inside this
 
 
@@ -102,6 +105,11 @@ class PPOModels:
     reward_critic: str
     cost_critic: str
 
+    @classmethod
+    def critics_from_scores(cls, actor: str, reward: str, cost: str) -> PPOModels:
+        """The roles when the critics start from the reward and cost models (the stage's default)."""
+        return cls(actor=actor, reward=reward, cost=cost, reward_critic=reward, cost_critic=cost)
+
 
 def prompt_table(dataset: datasets.Dataset) -> datasets.Dataset:
     """Unique (image, question) prompts of a paired or flattened split, keeping `category` and
@@ -114,7 +122,6 @@ class Roles:
     """The six models, wrapped for training (Engine) or inference (frozen DeepSpeed engines)."""
 
     def __init__(self, models: PPOModels, cfg: PPOStageConfig, variant: PPOVariant, total_steps: int) -> None:
-        dist = init_distributed()
         self.processor: ProcessorMixin = AutoProcessor.from_pretrained(models.actor)
         tokenizers = {name: AutoProcessor.from_pretrained(path).tokenizer for name, path in
                       (("reward", models.reward), ("cost", models.cost))}  # fmt: skip
@@ -124,9 +131,9 @@ class Roles:
                     f"the {name} model's tokenizer differs from the actor's; rollouts are scored token for "
                     "token, so train the reward and cost models on the actor's base model"
                 )
-        actor_ds = train_ds_config(cfg.actor, dist.world_size, dist.device.type)
-        with model_init_context(actor_ds):
-            actor = AutoModelForImageTextToText.from_pretrained(models.actor)
+        actor = build_for_training(
+            cfg.actor, lambda: AutoModelForImageTextToText.from_pretrained(models.actor, use_safetensors=True)
+        )
         if cfg.actor_lora is not None:
             lora = cfg.actor_lora
             actor = get_peft_model(
@@ -140,7 +147,7 @@ class Roles:
             )
         self.actor = Engine(actor, cfg.actor, total_steps=total_steps, name="actor")
         self.reference = frozen_engine(
-            AutoModelForImageTextToText.from_pretrained(models.actor),
+            AutoModelForImageTextToText.from_pretrained(models.actor, use_safetensors=True),
             zero_stage=cfg.frozen_zero_stage,
             precision=cfg.actor.precision,
         )
@@ -150,14 +157,15 @@ class Roles:
         self.cost_model = frozen_engine(
             ScoreModel.load(models.cost), zero_stage=cfg.frozen_zero_stage, precision=cfg.critic.precision
         )
-        critic_ds = train_ds_config(cfg.critic, dist.world_size, dist.device.type)
-        with model_init_context(critic_ds):
-            reward_critic = ScoreModel.load(models.reward_critic, kind="critic")
+        reward_critic = build_for_training(
+            cfg.critic, lambda: ScoreModel.load(models.reward_critic, kind="critic")
+        )
         self.reward_critic = Engine(reward_critic, cfg.critic, total_steps=total_steps, name="reward_critic")
         self.cost_critic: Engine | None = None
         if variant != "reward-only":
-            with model_init_context(critic_ds):
-                cost_critic = ScoreModel.load(models.cost_critic, kind="critic")
+            cost_critic = build_for_training(
+                cfg.critic, lambda: ScoreModel.load(models.cost_critic, kind="critic")
+            )
             self.cost_critic = Engine(cost_critic, cfg.critic, total_steps=total_steps, name="cost_critic")
 
     def trained(self) -> dict[str, Engine]:
@@ -194,6 +202,7 @@ class PPOLagrangianTrainer:
         *,
         variant: PPOVariant,
         checkpoint_dir: Path,
+        checkpoint_key: bytes,
         ptx: datasets.Dataset | None = None,
         sink: MetricsSink | None = None,
     ) -> None:
@@ -203,22 +212,11 @@ class PPOLagrangianTrainer:
         self.temperature = policy_temperature(cfg.generation.temperature)
         """The policy's temperature: log-probs, ratio and KL are those of the tempered policy that samples."""
         self.prompts = prompt_table(prompts)
-        self.sampler = DistributedSampler(
-            range(len(self.prompts)),
-            num_replicas=self.dist.world_size,
-            rank=self.dist.rank,
-            shuffle=True,
-            seed=cfg.actor.seed,
-            drop_last=True,
+        self.stream = BatchStream(
+            len(self.prompts), cfg.prompt_batch_size, seed=cfg.actor.seed, dist=self.dist, what="prompts"
         )
-        self.batches_per_epoch = len(self.sampler) // cfg.prompt_batch_size
-        if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"{len(self.prompts)} prompts give no full rollout batch of {cfg.prompt_batch_size} "
-                f"per process on {self.dist.world_size} process(es); lower prompt_batch_size"
-            )
         micro = cfg.prompt_batch_size // cfg.actor.per_device_batch_size * cfg.update_iters
-        self.total_steps = cfg.actor.epochs * self.batches_per_epoch
+        self.total_steps = cfg.actor.epochs * self.stream.per_epoch
         if cfg.actor.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.actor.max_steps)
         optimizer_steps = max(1, self.total_steps * micro // cfg.actor.gradient_accumulation_steps)
@@ -228,14 +226,32 @@ class PPOLagrangianTrainer:
         self.ptx_collator = (
             SupervisedCollator(self.roles.processor, max_length=PTX_MAX_LENGTH) if ptx is not None else None
         )
-        self.emit = sink if (sink is not None and self.dist.rank == 0) else (lambda metrics, step: None)
+        self.log = MetricsLog(sink, is_main=self.dist.rank == 0)
         self.step = 0
+        self.position = Position()
+        self.checkpoints = Checkpointer(
+            checkpoint_dir,
+            key=checkpoint_key,
+            fingerprint=self._fingerprint(models, len(self.prompts)),
+            keep=cfg.actor.keep_checkpoints,
+            allow_changed_config=cfg.actor.resume_with_changed_config,
+        )
         self.reuse_training_forward = (
             cfg.update_iters == 1
             and cfg.prompt_batch_size == cfg.actor.per_device_batch_size
             and not any(stochastic_forward(engine.module) for engine in self.roles.trained().values())
         )
         """Whether rollouts leave the critics' old values to their first training forward."""
+
+    def _fingerprint(self, models: PPOModels, rows: int) -> dict[str, Any]:
+        """What decides this run's result (see `checkpoint`): the stage settings but the trained
+        engines' own (fingerprinted per engine), the closing evaluation's size and how sampling and
+        the frozen models run; the models, the variant and the prompts."""
+        stage = self.cfg.model_dump(
+            exclude={"actor", "critic", "eval_prompts", "sampling_cpu_threads", "frozen_zero_stage"}
+        )
+        engines = {name: engine_fingerprint(engine) for name, engine in self.roles.trained().items()}
+        return {"stage": stage, "models": asdict(models), "variant": self.variant, "rows": rows, **engines}
 
     # --- rollout ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -440,66 +456,65 @@ class PPOLagrangianTrainer:
         return self.roles.actor(**batch, use_cache=False).loss.float()
 
     def _step(self, engine: Engine, loss: torch.Tensor) -> float:
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"{engine.name}: loss is {loss.item()} at PPO step {self.step}; the last good checkpoint is "
-                f"kept under {self.checkpoint_dir}: lower the learning rate or kl_coeff and resume"
-            )
+        check_finite(
+            loss,
+            name=engine.name,
+            where=f"PPO step {self.step}",
+            checkpoint_dir=self.checkpoint_dir,
+            hint="lower the learning rate or kl_coeff",
+        )
         engine.backward_and_step(loss)
         return float(loss.detach())
 
     # --- checkpoints ----------------------------------------------------------------------------
     def save(self) -> None:
-        """Every trained engine at this step, then the JSON state (lambda, cost window, step) last, so a
-        state file only exists for steps whose engines were all saved."""
-        for name, engine in self.roles.trained().items():
-            engine.save_checkpoint(self.checkpoint_dir / name, client_state={"step": self.step})
-        if self.dist.rank == 0:
-            state = {"step": self.step, "lagrangian": self.multiplier.state_dict()}
-            atomic_write_text(self.checkpoint_dir / STATE_DIR / f"step-{self.step}.json", json.dumps(state))
-        barrier()
+        """Every trained engine and the loop's state (step, data position, lambda and its cost window,
+        the metric history) as one sealed checkpoint of this step."""
+        state = {
+            "position": asdict(self.position),
+            "lagrangian": self.multiplier.state_dict(),
+            "history": self.log.records,
+        }
+        self.checkpoints.save(self.step, self.roles.trained(), state)
 
     def resume(self) -> None:
-        """Load the newest step whose engines and state were all saved; keep going from scratch otherwise."""
-        states = sorted(
-            (self.checkpoint_dir / STATE_DIR).glob("step-*.json"),
-            key=lambda p: int(p.stem.split("-")[1]),
-            reverse=True,
-        )
-        for path in states:
-            step = int(path.stem.split("-")[1])
-            loaded = [engine.load_latest(self.checkpoint_dir / name, step=step)
-                      for name, engine in self.roles.trained().items()]  # fmt: skip
-            if all(state is not None for state in loaded):
-                state = json.loads(path.read_text())
-                self.multiplier.load_state_dict(state["lagrangian"])
-                self.step = int(state["step"])
-                log.info("resumed PPO-Lagrangian at step %d (lambda %.4g)", self.step, self.multiplier.value)
-                return
-            log.warning(
-                "checkpoint step %d is incomplete (an engine is missing it); trying an older one", step
-            )
+        """Continue from the newest sealed checkpoint, where every engine has the same step."""
+        state = self.checkpoints.restore(self.roles.trained())
+        if state is None:
+            return
+        self.step = int(state["step"])
+        self.position = Position(**state["position"])
+        self.multiplier.load_state_dict(state["lagrangian"])
+        self.log.records = state["history"]
+        log.info("resumed PPO-Lagrangian at step %d (lambda %.4g)", self.step, self.multiplier.value)
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        """Every step's figures as `{"step": N, "lambda": ..., "J_C": ...}`, the restored steps
+        included (what history.json and the report's lambda / J_C chart show)."""
+        return [
+            {key.removeprefix("train/"): value for key, value in record.items()}
+            for record in self.log.records
+        ]
 
     # --- the loop -------------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
-        """Run (or resume) every step; returns the last step's metrics."""
+        """Run (or resume) every step; returns the last step's metrics, also when it ran before a restart."""
         self.resume()
-        metrics: dict[str, float] = {}
-        every = self.cfg.actor.checkpoint_every_steps
-        while self.step < self.total_steps:
-            epoch, position = divmod(self.step, self.batches_per_epoch)
-            self.sampler.set_epoch(epoch)
-            order = list(self.sampler)
-            size = self.cfg.prompt_batch_size
-            rows = [self.prompts[i] for i in order[position * size : (position + 1) * size]]
-            metrics = self.train_step(self.rollout(rows))
+        cadence = self.cfg.actor.checkpoint_every_steps
+        while not reached(self.step, self.total_steps):
+            epoch, done = self.position.epoch, self.position.batches_done
+            indices = self.stream.epoch_batches(epoch)[done]
+            metrics = self.train_step(self.rollout([self.prompts[i] for i in indices]))
             self.step += 1
-            if self.step % self.cfg.actor.log_every_steps == 0 or self.step == 1:
-                log.info("ppo step %d/%d: %s", self.step, self.total_steps, _fmt(metrics))
-            self.emit({f"train/{k}": v for k, v in metrics.items()}, self.step)
-            if (every and self.step % every == 0) or self.step == self.total_steps:
+            self.position = self.stream.after(epoch, done + 1)
+            if log_due(self.step, self.cfg.actor.log_every_steps):
+                log.info("ppo step %d/%d: %s", self.step, self.total_steps, format_metrics(metrics))
+            self.log.emit({f"train/{k}": v for k, v in metrics.items()}, self.step)
+            if every(self.step, cadence) or self.step == self.total_steps:
                 self.save()
-        return metrics
+        last = self.history[-1] if self.history else {}
+        return {key: value for key, value in last.items() if key != "step"}
 
     def save_actor(self, out_dir: Path | None) -> None:
         """Write the trained policy (LoRA adapters merged in) as a Hugging Face folder on rank 0.
@@ -519,10 +534,6 @@ class PPOLagrangianTrainer:
 
 def _add(totals: dict[str, float], values: dict[str, float]) -> dict[str, float]:
     return {key: totals.get(key, 0.0) + values.get(key, 0.0) for key in totals.keys() | values.keys()}
-
-
-def _fmt(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if math.isfinite(v))
 
 
 @torch.no_grad()

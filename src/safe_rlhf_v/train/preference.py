@@ -1,44 +1,27 @@
 """Pairwise preference training, shared by the reward model (RM-V) and the cost model (CM-V).
 
 The two differ only in their `Objective` (which response of a pair should score higher, the loss,
-the metrics); data loading, the DeepSpeed loop, evaluation, checkpoints and resume are this one
-loop. The evaluation gathers every rank's scores into one table so metrics are exact whatever the
-number of processes.
+the metrics); data loading, evaluation and the training loop (`loop.fit`: resume, checkpoints,
+logging) are shared. The evaluation gathers every rank's scores into one table so metrics are
+exact whatever the number of processes.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import datasets
 import torch
-import torch.distributed as tdist
-from torch.utils.data import DistributedSampler
 from transformers import AutoProcessor, ProcessorMixin
 
 from safe_rlhf_v.config import TrainConfig
 from safe_rlhf_v.data.collate import PreferenceBatch, PreferenceCollator
 from safe_rlhf_v.models.score import ScoreKind, ScoreModel
-from safe_rlhf_v.train.distributed import (
-    Engine,
-    all_reduce_mean,
-    barrier,
-    epoch_sampler,
-    get_logger,
-    init_distributed,
-    model_init_context,
-    progress,
-    seed_everything,
-    total_optimizer_steps,
-    train_ds_config,
-)
-
-log = get_logger(__name__)
-MetricsSink = Callable[[dict[str, float], int], None]
+from safe_rlhf_v.train.batches import PADDING, eval_shards, gather_rows, on_device
+from safe_rlhf_v.train.distributed import Engine
+from safe_rlhf_v.train.loop import MetricsSink, TrainingResult, fit, trainer_fingerprint
 
 
 @dataclass(frozen=True)
@@ -95,56 +78,17 @@ def score_stats(prefix: str, scores: torch.Tensor, harmful: torch.Tensor) -> dic
     return stats
 
 
-def to_device(batch: PreferenceBatch, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Model inputs on the training device, floating ones (pixel values) in the engine's dtype."""
-    inputs = {}
-    for key, value in batch.inputs.items():
-        value = value.to(device)
-        inputs[key] = value.to(dtype) if value.is_floating_point() else value
-    return inputs
-
-
-def micro_batches(indices: list[int], size: int) -> list[list[int]]:
-    """Consecutive chunks of `size` indices (the last one may be shorter)."""
-    return [indices[i : i + size] for i in range(0, len(indices), size)]
-
-
-def epoch_batches(sampler: DistributedSampler, epoch: int, batch_size: int, skip: int) -> list[list[int]]:
-    """This rank's micro-batches of an epoch, minus the `skip` already consumed before a restart."""
-    sampler.set_epoch(epoch)
-    full = [b for b in micro_batches(list(sampler), batch_size) if len(b) == batch_size]
-    return full[skip:]
-
-
-def eval_indices(n: int, rank: int, world: int) -> list[int]:
-    """This rank's share of the evaluation rows, padded with -1 so every rank runs as many batches
-    (ZeRO-3 gathers parameters collectively: ranks must run the same number of forward passes)."""
-    per_rank = math.ceil(n / world)
-    mine = list(range(rank, n, world))
-    return mine + [-1] * (per_rank - len(mine))
-
-
-def gather_rows(local: torch.Tensor) -> torch.Tensor:
-    """Every rank's (n, k) table stacked in rank order (equal n on every rank: see `eval_indices`)."""
-    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
-        return local
-    parts = [torch.empty_like(local) for _ in range(tdist.get_world_size())]
-    tdist.all_gather(parts, local)
-    return torch.cat(parts)
-
-
 @torch.no_grad()
 def evaluate(
     engine: Engine, dataset: datasets.Dataset, collator: PreferenceCollator, batch_size: int
 ) -> EvalTable:
     """Score every evaluation pair (sharded over ranks, gathered back) in eval mode."""
     engine.ds.eval()
-    rank, world = engine.dist.rank, engine.dist.world_size
     rows: list[torch.Tensor] = []
-    for chunk in micro_batches(eval_indices(len(dataset), rank, world), batch_size):
-        valid = torch.tensor([i >= 0 for i in chunk])
+    for chunk in eval_shards(len(dataset), batch_size, engine):
+        valid = torch.tensor([i != PADDING for i in chunk])
         batch = collator([dataset[max(i, 0)] for i in chunk])
-        out = engine(**to_device(batch, engine.dist.device, engine.dtype))
+        out = engine(**on_device(batch.inputs, engine))
         scores = out.end_scores.float().cpu().view(2, -1).T  # (B, 2)
         rows.append(
             torch.cat(
@@ -172,19 +116,41 @@ def evaluate(
     )
 
 
-def load_score_model(
-    objective: Objective, settings: PreferenceSettings, ds_config: dict[str, Any]
-) -> ScoreModel:
-    """A fresh score head of the objective's kind on the base model (partitioned as built under ZeRO-3)."""
-    with model_init_context(ds_config):
-        return ScoreModel.from_base(
-            settings.base_model,
-            objective.kind,
-            freeze_vision_tower=settings.freeze_vision_tower,
-            freeze_projector=settings.freeze_projector,
-            gradient_checkpointing=False,  # the Engine enables it from TrainConfig
-            trust_remote_code=settings.trust_remote_code,
-        )
+def load_score_model(objective: Objective, settings: PreferenceSettings) -> ScoreModel:
+    """A fresh score head of the objective's kind on the base model (build it through
+    `build_for_training` to partition it as it is built under ZeRO-3)."""
+    return ScoreModel.from_base(
+        settings.base_model,
+        objective.kind,
+        freeze_vision_tower=settings.freeze_vision_tower,
+        freeze_projector=settings.freeze_projector,
+        gradient_checkpointing=False,  # the Engine enables it from TrainConfig
+        trust_remote_code=settings.trust_remote_code,
+    )
+
+
+@dataclass(frozen=True)
+class PreferenceTask:
+    """The loop's view of preference training: a pair batch's loss and the evaluation table."""
+
+    objective: Objective
+    collator: PreferenceCollator
+    train: datasets.Dataset
+    evaluation: datasets.Dataset
+    eval_batch_size: int
+
+    @property
+    def name(self) -> str:
+        return self.objective.kind
+
+    def losses(self, engine: Engine, indices: list[int]) -> dict[str, torch.Tensor]:
+        batch = self.collator([self.train[i] for i in indices])
+        scores = engine(**on_device(batch.inputs, engine)).end_scores.float()
+        half = len(indices)  # the collator stacks every pair's response_1 rows, then the response_2 rows
+        return {"loss": self.objective.loss(scores[:half], scores[half:], batch)}
+
+    def evaluate(self, engine: Engine) -> dict[str, Any]:
+        return self.objective.metrics(evaluate(engine, self.evaluation, self.collator, self.eval_batch_size))
 
 
 def train_preference_model(
@@ -195,81 +161,35 @@ def train_preference_model(
     evaluation: datasets.Dataset,
     out_dir: Path | None,
     checkpoint_dir: Path,
+    checkpoint_key: bytes,
     sink: MetricsSink | None = None,
-) -> dict[str, float]:
-    """Train, evaluate each epoch, save the model to `out_dir` (rank 0); returns the final metrics.
+) -> TrainingResult:
+    """Train, evaluate each epoch, save the model to `out_dir` (rank 0); returns the final metrics
+    and the history of logged figures.
 
-    Resumes from the newest valid checkpoint under `checkpoint_dir` when there is one. Every rank
+    Resumes from the newest sealed checkpoint under `checkpoint_dir` (see `loop.fit`). Every rank
     calls this; `sink(metrics, step)` is called on rank 0 only.
     """
-    dist = init_distributed()
-    cfg = settings.train
-    seed_everything(cfg.seed, dist.rank)
     processor: ProcessorMixin = AutoProcessor.from_pretrained(
         settings.base_model, trust_remote_code=settings.trust_remote_code
     )
     collator = PreferenceCollator(
         processor, settings.max_length, min_response_tokens=settings.min_response_tokens
     )
-    ds_config = train_ds_config(cfg, dist.world_size, dist.device.type)
-    model = load_score_model(objective, settings, ds_config)
-    sampler, per_epoch = epoch_sampler(len(train), cfg, dist, "training pairs")
-    engine = Engine(model, cfg, total_steps=total_optimizer_steps(cfg, per_epoch), name=objective.kind)
-    state = engine.load_latest(checkpoint_dir) or {"epoch": 0, "micro_batches_done": 0}
-    emit = sink if (sink is not None and engine.is_main) else (lambda metrics, step: None)
-    metrics: dict[str, float] = {}
-    for epoch in range(int(state["epoch"]), cfg.epochs):
-        skip = int(state["micro_batches_done"]) if epoch == int(state["epoch"]) else 0
-        done = skip
-        for indices in progress(
-            epoch_batches(sampler, epoch, cfg.per_device_batch_size, skip),
-            total=per_epoch - skip,
-            desc=f"{objective.kind} epoch {epoch + 1}/{cfg.epochs}",
-        ):
-            batch = collator([train[i] for i in indices])
-            out = engine(**to_device(batch, dist.device, engine.dtype))
-            half = len(indices)
-            loss = objective.loss(out.end_scores[:half].float(), out.end_scores[half:].float(), batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"{objective.kind}: loss is {loss.item()} at step {engine.global_step}; the last good "
-                    f"checkpoint is kept under {checkpoint_dir}: lower learning_rate and resume"
-                )
-            stepped = engine.backward_and_step(loss)
-            done += 1
-            if not stepped:
-                continue
-            step = engine.global_step
-            if step % cfg.log_every_steps == 0 or step == 1:
-                emit({"train/loss": all_reduce_mean(loss), "train/lr": engine.lr}, step)
-            if cfg.max_steps is not None and step >= cfg.max_steps:
-                break
-            if engine.checkpoint_due(end_of_epoch=False):
-                engine.save_checkpoint(
-                    checkpoint_dir, client_state={"epoch": epoch, "micro_batches_done": done}
-                )
-        metrics = objective.metrics(evaluate(engine, evaluation, collator, settings.eval_batch_size))
-        emit({f"eval/{k}": v for k, v in metrics.items()}, engine.global_step)
-        log.info("%s epoch %d: %s", objective.kind, epoch + 1, format_metrics(metrics))
-        finished = cfg.max_steps is not None and engine.global_step >= cfg.max_steps
-        position = (
-            {"epoch": epoch + 1, "micro_batches_done": 0}
-            if done >= per_epoch
-            else {"epoch": epoch, "micro_batches_done": done}
-        )
-        if engine.at_step_boundary:  # gradients still pending cannot be checkpointed
-            engine.save_checkpoint(checkpoint_dir, client_state=position)
-        if finished:
-            break
-    if not metrics:  # resumed after the last epoch had already finished
-        metrics = objective.metrics(evaluate(engine, evaluation, collator, settings.eval_batch_size))
-    weights = engine.state_dict_for_save()
-    if engine.is_main and out_dir is not None:
-        model.save(out_dir, processor=processor, state_dict=weights)
-    barrier()
-    return metrics
 
+    def save(model: ScoreModel, weights: dict[str, torch.Tensor]) -> None:
+        if out_dir is not None:
+            model.save(out_dir, processor=processor, state_dict=weights)
 
-def format_metrics(metrics: dict[str, float]) -> str:
-    """`k=v` pairs for a log line."""
-    return ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+    return fit(
+        PreferenceTask(objective, collator, train, evaluation, settings.eval_batch_size),
+        lambda: load_score_model(objective, settings),
+        settings.train,
+        rows=len(train),
+        rows_name="training pairs",
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_key=checkpoint_key,
+        settings=trainer_fingerprint(settings) | {"objective": asdict(objective)},
+        sink=sink,
+        save=save,
+    )

@@ -9,9 +9,9 @@ of answer kinds in the data.
 
 The objective is next-token cross-entropy on the response tokens only (`SupervisedCollator` masks
 prompt and padding), computed by the model itself from `labels`. Training runs through the same
-DeepSpeed `Engine`, resume contract and rank-0 saving as every other trainer; evaluation reports the
-loss per response token over the whole evaluation set, summed over ranks before dividing, so the
-figure does not depend on batch sizes or the number of processes.
+loop (`loop.fit`: resume, checkpoints, logging) and rank-0 saving as every other trainer;
+evaluation reports the loss per response token over the whole evaluation set, summed over ranks
+before dividing, so the figure does not depend on batch sizes or the number of processes.
 """
 
 from __future__ import annotations
@@ -20,36 +20,25 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
 import torch
-from torch.utils.data import BatchSampler, DistributedSampler
-from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
+from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
 from safe_rlhf_v.config import TrainConfig
 from safe_rlhf_v.data.collate import IGNORE_INDEX, SupervisedCollator
 from safe_rlhf_v.data.sources import load_split, to_flat
 from safe_rlhf_v.data.synthetic import corpus
 from safe_rlhf_v.models.tiny import build_tiny_vlm
-from safe_rlhf_v.train.distributed import (
-    Engine,
-    all_reduce_mean,
-    barrier,
-    epoch_sampler,
-    get_logger,
-    init_distributed,
-    model_init_context,
-    progress,
-    seed_everything,
-    total_optimizer_steps,
-    train_ds_config,
-)
+from safe_rlhf_v.train.batches import PADDING, eval_shards, on_device
+from safe_rlhf_v.train.distributed import Engine, all_reduce_mean, get_logger
+from safe_rlhf_v.train.integrity import ephemeral_key
+from safe_rlhf_v.train.loop import MetricsSink, TrainingResult, fit
 
 log = get_logger(__name__)
-MetricsSink = Callable[[dict[str, float], int], None]
 SFT_COLUMNS = ("image", "question", "response")
 
 # The demo warm start. 600 pairs give 1200 examples, 75 steps of 16 per epoch. A from-scratch model
@@ -87,25 +76,13 @@ def _check_columns(dataset: datasets.Dataset, name: str) -> None:
         raise ValueError(f"{name} data set is empty")
 
 
-def _load_policy(model_dir: str, ds_config: dict[str, Any]) -> PreTrainedModel:
-    with model_init_context(ds_config):
-        return AutoModelForImageTextToText.from_pretrained(
-            model_dir, dtype=torch.float32, use_safetensors=True
-        )
-
-
-def _to_device(batch: dict[str, torch.Tensor], engine: Engine) -> dict[str, torch.Tensor]:
-    """Move a batch to the engine's device; floating tensors (pixel values) take its dtype."""
-    moved = {}
-    for key, value in batch.items():
-        value = value.to(engine.dist.device)
-        moved[key] = value.to(engine.dtype) if value.is_floating_point() else value
-    return moved
+def _load_policy(model_dir: str) -> PreTrainedModel:
+    return AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
 
 
 def _forward_loss(engine: Engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy over the batch's target tokens (the model shifts the labels itself)."""
-    return engine(**_to_device(batch, engine), use_cache=False).loss.float()
+    return engine(**on_device(batch, engine), use_cache=False).loss.float()
 
 
 def _target_tokens(labels: torch.Tensor) -> int:
@@ -123,15 +100,10 @@ def evaluate(
     ignored, because under ZeRO-3 every rank must run the same number of forward passes.
     """
     engine.ds.eval()
-    rank, world = engine.dist.rank, engine.dist.world_size
-    per_rank = math.ceil(len(dataset) / world)
-    mine = list(range(rank, len(dataset), world))
-    mine += [-1] * (per_rank - len(mine))
     loss_sum, tokens = 0.0, 0
-    for start in range(0, per_rank, batch_size):
-        chunk = mine[start : start + batch_size]
+    for chunk in eval_shards(len(dataset), batch_size, engine):
         batch = collator([dataset[max(i, 0)] for i in chunk])
-        batch["labels"][torch.tensor([i < 0 for i in chunk])] = IGNORE_INDEX
+        batch["labels"][torch.tensor([i == PADDING for i in chunk])] = IGNORE_INDEX
         count = _target_tokens(batch["labels"])
         loss = _forward_loss(engine, batch)
         if count:  # an all-padding batch has no targets (and a NaN mean)
@@ -141,50 +113,28 @@ def evaluate(
     # Sum over ranks, then divide: the ratio of two rank means is the ratio of the sums.
     mean_loss_sum, mean_tokens = all_reduce_mean(loss_sum), all_reduce_mean(float(tokens))
     loss = mean_loss_sum / mean_tokens
-    return {"loss": loss, "perplexity": math.exp(loss), "response_tokens": mean_tokens * world}
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "response_tokens": mean_tokens * engine.dist.world_size,
+    }
 
 
-def _reached_max_steps(engine: Engine) -> bool:
-    return engine.cfg.max_steps is not None and engine.global_step >= engine.cfg.max_steps
+@dataclass(frozen=True)
+class SupervisedTask:
+    """The loop's view of SFT: a batch's response-token cross-entropy and the held-out loss."""
 
+    collator: SupervisedCollator
+    train: datasets.Dataset
+    evaluation: datasets.Dataset
+    eval_batch_size: int
+    name: str = "sft"
 
-def _train_epoch(
-    engine: Engine,
-    train: datasets.Dataset,
-    collator: SupervisedCollator,
-    sampler: DistributedSampler,
-    epoch: int,
-    skip: int,
-    checkpoint_dir: Path,
-    emit: MetricsSink,
-) -> int:
-    """Train on this rank's micro-batches of `epoch` after the `skip` consumed before a restart.
+    def losses(self, engine: Engine, indices: list[int]) -> dict[str, torch.Tensor]:
+        return {"loss": _forward_loss(engine, self.collator([self.train[i] for i in indices]))}
 
-    Returns how many micro-batches of the epoch are consumed; fewer than all when `max_steps` hit.
-    """
-    cfg = engine.cfg
-    sampler.set_epoch(epoch)
-    batches = list(BatchSampler(sampler, cfg.per_device_batch_size, drop_last=True))
-    done = skip
-    for indices in progress(batches[skip:], desc=f"sft epoch {epoch + 1}/{cfg.epochs}"):
-        loss = _forward_loss(engine, collator([train[i] for i in indices]))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"sft: loss is {loss.item()} at step {engine.global_step}, epoch {epoch + 1}; the last good "
-                f"checkpoint is kept under {checkpoint_dir}: lower learning_rate and resume"
-            )
-        stepped = engine.backward_and_step(loss)
-        done += 1
-        if not stepped:
-            continue
-        step = engine.global_step
-        if step % cfg.log_every_steps == 0 or step == 1:
-            emit({"train/loss": all_reduce_mean(loss), "train/lr": engine.lr}, step)
-        if _reached_max_steps(engine):
-            break
-        if engine.checkpoint_due(end_of_epoch=False):
-            engine.save_checkpoint(checkpoint_dir, client_state={"epoch": epoch, "micro_batches_done": done})
-    return done
+    def evaluate(self, engine: Engine) -> dict[str, Any]:
+        return evaluate(engine, self.evaluation, self.collator, self.eval_batch_size)
 
 
 def supervised_finetune(
@@ -195,60 +145,43 @@ def supervised_finetune(
     *,
     out_dir: Path,
     checkpoint_dir: Path,
+    checkpoint_key: bytes,
     max_length: int,
     sink: MetricsSink | None = None,
-) -> dict[str, float]:
+) -> TrainingResult:
     """Fine-tune the policy at `model_dir` on (image, question, response) rows; returns the final
-    evaluation metrics (`loss` per response token, `perplexity`, `response_tokens`).
+    evaluation metrics (`loss` per response token, `perplexity`, `response_tokens`) and the history.
 
     Every rank calls this. A fresh run first evaluates the untouched model (step 0), then each
     epoch ends with an evaluation; `sink(metrics, step)` receives `train/*` and `eval/*` figures on
-    rank 0. Resumes from the newest valid checkpoint under `checkpoint_dir`. Rank 0 writes the
+    rank 0. Resumes from the newest sealed checkpoint under `checkpoint_dir`. Rank 0 writes the
     model (safetensors: transformers 5 writes nothing else), its generation config and the
     processor into `out_dir`, so the folder loads like the one it started from; callers publish it
     atomically.
     """
     _check_columns(train, "train")
     _check_columns(evaluation, "evaluation")
-    dist = init_distributed()
-    seed_everything(cfg.seed, dist.rank)
-    processor = AutoProcessor.from_pretrained(model_dir)
-    collator = SupervisedCollator(processor, max_length)
-    model = _load_policy(model_dir, train_ds_config(cfg, dist.world_size, dist.device.type))
-    sampler, per_epoch = epoch_sampler(len(train), cfg, dist, "training rows")
-    engine = Engine(model, cfg, total_steps=total_optimizer_steps(cfg, per_epoch), name="sft")
-    emit = sink if (sink is not None and engine.is_main) else (lambda metrics, step: None)
-    state = engine.load_latest(checkpoint_dir)
-    if state is None:
-        state = {"epoch": 0, "micro_batches_done": 0}
-        emit(_prefixed(evaluate(engine, evaluation, collator, cfg.per_device_batch_size)), 0)
-    metrics: dict[str, float] = {}
-    for epoch in range(int(state["epoch"]), cfg.epochs):
-        if _reached_max_steps(engine):
-            break
-        skip = int(state["micro_batches_done"]) if epoch == int(state["epoch"]) else 0
-        done = _train_epoch(engine, train, collator, sampler, epoch, skip, checkpoint_dir, emit)
-        metrics = evaluate(engine, evaluation, collator, cfg.per_device_batch_size)
-        emit(_prefixed(metrics), engine.global_step)
-        log.info("sft epoch %d: eval loss %.4f per response token", epoch + 1, metrics["loss"])
-        if engine.at_step_boundary:  # pending gradients cannot be checkpointed
-            # max_steps may have stopped the epoch early: record where, so a longer rerun goes on.
-            position = {"epoch": epoch, "micro_batches_done": done}
-            if done == per_epoch:
-                position = {"epoch": epoch + 1, "micro_batches_done": 0}
-            engine.save_checkpoint(checkpoint_dir, client_state=position)
-    if not metrics:  # resumed after training had already finished
-        metrics = evaluate(engine, evaluation, collator, cfg.per_device_batch_size)
-    weights = engine.state_dict_for_save()
-    if engine.is_main:
-        engine.module.save_pretrained(out_dir, state_dict=weights)
+    processor: ProcessorMixin = AutoProcessor.from_pretrained(model_dir)
+
+    def save(model: PreTrainedModel, weights: dict[str, torch.Tensor]) -> None:
+        model.save_pretrained(out_dir, state_dict=weights)
         processor.save_pretrained(out_dir)
-    barrier()
-    return metrics
 
-
-def _prefixed(metrics: dict[str, float]) -> dict[str, float]:
-    return {f"eval/{key}": value for key, value in metrics.items()}
+    return fit(
+        SupervisedTask(
+            SupervisedCollator(processor, max_length), train, evaluation, cfg.per_device_batch_size
+        ),
+        lambda: _load_policy(model_dir),
+        cfg,
+        rows=len(train),
+        rows_name="training rows",
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_key=checkpoint_key,
+        settings={"model": model_dir, "max_length": max_length},
+        sink=sink,
+        save=save,
+        evaluate_first=True,
+    )
 
 
 def demo_sft_config(epochs: int = DEMO_SFT_EPOCHS, seed: int = 0) -> TrainConfig:
@@ -291,9 +224,10 @@ def build_demo_policy(
             demo_sft_config(DEMO_SFT_EPOCHS if epochs is None else epochs, seed),
             out_dir=model,
             checkpoint_dir=staging / "checkpoints",
+            checkpoint_key=ephemeral_key(),  # the staging folder never outlives this process
             max_length=DEMO_MAX_LENGTH,
             sink=sink,
-        )
+        ).metrics
         model.chmod(0o755)
         os.replace(model, out)
     finally:
