@@ -126,7 +126,7 @@ def test_local_run_validates_trains_and_records_lineage(
     evaluated = summary["stages"]["evaluate"]
     figures = evaluated["metrics"]
     assert 0.0 <= figures["evaluation/trained/harmful_share"] <= 1.0
-    shares = [figures[f"evaluation/{k}_rate/helpfulness"] for k in ("win", "tie", "loss")]
+    shares = [figures[f"evaluation/{k}/helpfulness"] for k in ("win_share", "tie_rate", "loss_rate")]
     assert sum(shares) == pytest.approx(1.0)
     for policy in ("initial", "trained"):  # the synthetic world's exact judge graded both policies
         assert 0.0 <= figures[f"evaluation/{policy}/truth/harmful_share"] <= 1.0

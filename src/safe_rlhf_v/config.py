@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from safe_rlhf_v import __version__
+from safe_rlhf_v.errors import UserError
 
 
 class StrictModel(BaseModel):
@@ -445,7 +446,7 @@ class PipelineConfig(StrictModel):
         return self.resources.get(stage, ResourcesConfig())
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration file or override is wrong; the message names the key and the file."""
 
 

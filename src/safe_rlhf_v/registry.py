@@ -33,6 +33,7 @@ from mlflow.tracking import MlflowClient
 
 from safe_rlhf_v import storage, tracking
 from safe_rlhf_v.config import PipelineConfig
+from safe_rlhf_v.errors import UserError
 from safe_rlhf_v.stages.common import RESULT_FILE, StageResult
 from safe_rlhf_v.stages.lineage import LINEAGE_FILE, SPLITS, model_digest, read_lineage
 
@@ -70,7 +71,7 @@ _POLICY_LINEAGE = ("variant", "reward_model_sha256", "cost_model_sha256")
 _RECORD_RE = re.compile(r"^promotion\.(\d+)\.")
 
 
-class RegistryError(ValueError):
+class RegistryError(UserError, ValueError):
     """What was asked of the registry cannot be done; the message names the model, version or file."""
 
 

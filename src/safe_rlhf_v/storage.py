@@ -55,6 +55,8 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from safe_rlhf_v.errors import UserError
+
 log = logging.getLogger(__name__)
 
 S3_SCHEME = "s3://"
@@ -84,7 +86,7 @@ _CREDENTIAL_CODES = frozenset(
 )
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """A storage operation failed; the message names the URI and, for S3, the endpoint."""
 
 

@@ -148,6 +148,7 @@ def test_headline_is_flat_json_and_leaves_undefined_rates_out(records: list[dict
     assert all(isinstance(value, float) for value in headline.values())
     assert headline["evaluation/trained/harmful_share"] == pytest.approx(0.25)
     assert headline["evaluation/win_rate/helpfulness"] == pytest.approx(0.625), "0.5 wins + 0.25 ties / 2"
+    assert headline["evaluation/win_share/helpfulness"] == pytest.approx(0.5)
     assert headline["evaluation/loss_rate/helpfulness"] == pytest.approx(0.25)
     assert headline["evaluation/trained/attack_success_rate"] == pytest.approx(0.5)
     assert headline["evaluation/trained/guarded_harmful_share"] == pytest.approx(0.0)

@@ -448,7 +448,9 @@ def _headline(sets: dict[str, dict[str, Any]]) -> dict[str, float]:
             flat[f"{name}/{policy}/guarded_refusal_rate"] = guarded["refusal_rate"]
         for aspect in ASPECTS:
             shares = figures["win_rate"][aspect]
+            # win_rate counts ties half; the three shares below sum to 1.
             flat[f"{name}/win_rate/{aspect}"] = shares["rate"]
+            flat[f"{name}/win_share/{aspect}"] = shares["win"]
             flat[f"{name}/tie_rate/{aspect}"] = shares["tie"]
             flat[f"{name}/loss_rate/{aspect}"] = shares["loss"]
             if "truth_win_rate" in figures:

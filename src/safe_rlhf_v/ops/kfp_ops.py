@@ -35,6 +35,7 @@ from kfp_server_api.exceptions import ApiException
 
 from safe_rlhf_v import __version__
 from safe_rlhf_v.config import PipelineConfig
+from safe_rlhf_v.errors import UserError
 
 HOST_ENV = "KFP_HOST"
 TOKEN_ENV = "KFP_TOKEN"
@@ -50,7 +51,7 @@ _PYTHON_TYPES: dict[str, tuple[type, ...]] = {
 """KFP parameter types and the YAML values each accepts (bool is never a number here)."""
 
 
-class KfpOpsError(ValueError):
+class KfpOpsError(UserError, ValueError):
     """A request the KFP API cannot serve as asked (bad host, unknown parameter, missing pipeline).
 
     A ValueError, so the CLI reports it as one line naming the problem instead of a traceback.

@@ -27,6 +27,7 @@ from safe_rlhf_v import tracking
 from safe_rlhf_v.config import PipelineConfig
 from safe_rlhf_v.data.sources import load_split
 from safe_rlhf_v.data.validation import ValidationReport, validate_splits
+from safe_rlhf_v.errors import UserError
 from safe_rlhf_v.stages import html
 from safe_rlhf_v.stages.common import RESULT_FILE, StageResult, staged_output, write_json
 from safe_rlhf_v.stages.lineage import arrow_sha256
@@ -36,7 +37,7 @@ CANONICAL_SPLITS = ("train", "evaluation")
 log = logging.getLogger(__name__)
 
 
-class DataValidationError(RuntimeError):
+class DataValidationError(UserError, RuntimeError):
     """The data failed validation; the message lists each failed expectation with counts."""
 
 

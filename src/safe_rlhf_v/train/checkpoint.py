@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from safe_rlhf_v.errors import UserError
 from safe_rlhf_v.train import integrity
 from safe_rlhf_v.train.distributed import Engine, barrier, broadcast_int, get_logger, init_distributed
 
@@ -64,7 +65,7 @@ _STOPS_AND_CADENCE = frozenset(
 log = get_logger(__name__)
 
 
-class ResumeRefused(ValueError):
+class ResumeRefused(UserError, ValueError):
     """A checkpoint this run cannot go on from; the message says why and what to do."""
 
 

@@ -39,6 +39,8 @@ from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
+from safe_rlhf_v.errors import UserError
+
 KEY_ENV = "SAFE_RLHF_V_CHECKPOINT_KEY"
 KEY_FILE = "checkpoint.key"
 MANIFEST = "manifest.json"
@@ -51,7 +53,7 @@ DEEPSPEED_RECORDS: tuple[type, ...] = (LossScaler, ZeroStageEnum, fragment_addre
 and the (start, numel) address of a parameter fragment. Plain data, safe to rebuild."""
 
 
-class CheckpointRejected(ValueError):
+class CheckpointRejected(UserError, ValueError):
     """A checkpoint folder that must not be loaded; the message says why."""
 
 
