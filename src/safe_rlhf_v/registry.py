@@ -8,9 +8,11 @@ anything else: the pipeline run, the data digests, the base model and model dige
 model versions the policy was trained and evaluated with, and the headline evaluation figures.
 
 Promotion moves the `staging` or `production` alias to a policy version only after a gate on those
-figures (cost budget, harmful share, reward not below the current holder); `force` overrides the gate
-with a recorded reason. Every promotion leaves a numbered record of tags on the version: who, when,
-which alias, the gate figures and whether each check passed.
+figures: the cost budget; the harmful share's upper confidence bound by the most trusted judge the
+evaluation had (the synthetic world's exact judge, else an external judge, else the cost model); the
+learned judges agreeing with that judge in direction; reward not below the current holder. `force`
+overrides the gate with a recorded reason. Every promotion leaves a numbered record of tags on the
+version: who, when, which alias, the gate figures and whether each check passed.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import math
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -52,6 +54,7 @@ PROMOTION_TARGETS = ("staging", "production")
 REWARD_KEY = "evaluation/trained/reward"
 COST_KEY = "evaluation/trained/cost"
 HARMFUL_SHARE_KEY = "evaluation/trained/harmful_share"
+HARMFUL_SHARE_UPPER_KEY = f"{HARMFUL_SHARE_KEY}_upper"
 HEADLINE_METRICS = (
     REWARD_KEY,
     COST_KEY,
@@ -61,8 +64,28 @@ HEADLINE_METRICS = (
     "evaluation/initial/harmful_share",
     "evaluation/win_rate/helpfulness",
     "evaluation/win_rate/harmlessness",
+    HARMFUL_SHARE_UPPER_KEY,
 )
 """The evaluate stage's figures every policy version carries as tags (under the same names)."""
+TRUTH_SHARE_KEY = "evaluation/trained/truth/harmful_share"
+EXTERNAL_SHARE_KEY = "evaluation/external/less_safe_share"
+JUDGES_DISAGREE_KEY = "evaluation/judges_disagree"
+JUDGE_METRICS = (
+    TRUTH_SHARE_KEY,
+    f"{TRUTH_SHARE_KEY}_upper",
+    EXTERNAL_SHARE_KEY,
+    f"{EXTERNAL_SHARE_KEY}_upper",
+    JUDGES_DISAGREE_KEY,
+    "evaluation/truth/win_rate/helpfulness",
+    "evaluation/external/win_rate/helpfulness",
+)
+"""Figures of the judges that cannot be gamed, tagged when the evaluation had them."""
+HARM_JUDGES = (
+    ("ground truth", TRUTH_SHARE_KEY),
+    ("external judge", EXTERNAL_SHARE_KEY),
+    ("cost model", HARMFUL_SHARE_KEY),
+)
+"""The gate's judges of harm in order of trust: the first whose figure a version carries decides."""
 
 PIPELINE_RUN_TAG = "pipeline_run_id"
 MODEL_SHA_TAG = "model_sha256"
@@ -110,6 +133,8 @@ class GateLimits:
     cost_threshold: float
     max_harmful_share: float
     min_reward_delta: float
+    judge: Literal["reference", "cost_model"] = "reference"
+    bound: Literal["upper", "point"] = "upper"
 
 
 @dataclass(frozen=True)
@@ -333,6 +358,7 @@ def _policy_tags(
 ) -> dict[str, str]:
     tags = {f"{role}_model_version": ref.uri for role, ref in upstream.items()}
     tags |= {key: repr(float(evaluation.metrics[key])) for key in HEADLINE_METRICS}
+    tags |= {key: repr(float(evaluation.metrics[key])) for key in JUDGE_METRICS if key in evaluation.metrics}
     tags |= {"variant": MAIN_VARIANT, "evaluation_uri": source_uri(evaluation_uri)}
     if evaluation.mlflow_run_id:
         tags["evaluation_run_id"] = evaluation.mlflow_run_id
@@ -459,7 +485,7 @@ def gate_limits(cfg: PipelineConfig) -> GateLimits:
     threshold = gate.cost_threshold
     if threshold is None:
         threshold = cfg.train_ppo_lag.lagrangian.threshold
-    return GateLimits(threshold, gate.max_harmful_share, gate.min_reward_delta)
+    return GateLimits(threshold, gate.max_harmful_share, gate.min_reward_delta, gate.judge, gate.bound)
 
 
 def _figure(tags: Mapping[str, str], key: str) -> float | None:
@@ -505,15 +531,50 @@ def _reward_check(
     return GateCheck(name, reward, limit, passed, detail)
 
 
+def _harmful_share_check(figures: Mapping[str, str], limits: GateLimits) -> GateCheck:
+    """The harmful share by the most trusted judge the version carries, at its upper bound.
+
+    The learned cost model is the model PPO optimised against, so its share is the last resort: a
+    policy that games it would grade itself. The upper bound keeps a small evaluation from passing
+    on a lucky draw (0 harmful answers out of 60 still bounds the share at 6%).
+    """
+    judges = HARM_JUDGES[-1:] if limits.judge == "cost_model" else HARM_JUDGES
+    judge, key = next(((name, key) for name, key in judges if key in figures), judges[-1])
+    tag = f"{key}_upper" if limits.bound == "upper" else key
+    label = f"harmful share ({judge}{', upper bound' if limits.bound == 'upper' else ''})"
+    check = _at_most("harmful_share", label, _figure(figures, tag), limits.max_harmful_share, tag)
+    point = _figure(figures, key)
+    if limits.bound == "upper" and point is not None:
+        check = replace(check, detail=f"{check.detail} (point estimate {point:.4g})")
+    return check
+
+
+def _judges_agree_check(figures: Mapping[str, str]) -> GateCheck:
+    """Refuse when a learned judge (cost model, guard) sees the policy's harm move the other way
+    from the reference judge: then at least one of them is wrong, and a person has to look."""
+    name = "judges_agree"
+    if JUDGES_DISAGREE_KEY not in figures:
+        return GateCheck(
+            name, None, None, True, "no reference judge: the learned judges are not cross-checked"
+        )
+    disagree = _figure(figures, JUDGES_DISAGREE_KEY)
+    if disagree is None:
+        return GateCheck(name, None, 0.0, False, f"{JUDGES_DISAGREE_KEY} tag is unreadable")
+    if disagree:
+        detail = "a learned judge and the reference judge disagree on the direction of harm: see the report"
+        return GateCheck(name, disagree, 0.0, False, detail)
+    return GateCheck(name, disagree, 0.0, True, "every judge of harm agrees in direction")
+
+
 def evaluate_gate(
     figures: Mapping[str, str], holder: ModelVersion | None, alias: str, limits: GateLimits
 ) -> list[GateCheck]:
     """Every check of the gate on a version's tags (a failing check does not stop the others)."""
     cost = _figure(figures, COST_KEY)
-    share = _figure(figures, HARMFUL_SHARE_KEY)
     return [
         _at_most("cost_budget", "evaluation J_C (mean cost)", cost, limits.cost_threshold, COST_KEY),
-        _at_most("harmful_share", "harmful share", share, limits.max_harmful_share, HARMFUL_SHARE_KEY),
+        _harmful_share_check(figures, limits),
+        _judges_agree_check(figures),
         _reward_check(figures, holder, alias, limits.min_reward_delta),
     ]
 

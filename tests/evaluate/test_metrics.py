@@ -268,3 +268,18 @@ def test_an_external_judge_is_the_reference_without_ground_truth(records: list[d
     assert judges["reference"] == "external judge" and judges["direction"] == "more harmful"
     assert judges["disagree"] == ["cost model", "guard"]
     assert summary["external_judge"] == external
+
+
+def test_external_judge_headline_has_its_win_rates_and_the_less_safe_shares_wilson_bound(
+    records: list[dict[str, Any]],
+) -> None:
+    duel = {"win": 0.5, "tie": 0.25, "loss": 0.25, "n": 4, "malformed": 1}
+    external = {"evaluation": {"harmlessness": duel, "helpfulness": duel | {"n": 0}}}
+    headline = summarize(records, bootstrap_samples=200, cost_threshold=-0.5, external=external)["headline"]
+    assert headline["evaluation/external/win_rate/harmlessness"] == pytest.approx(0.625)
+    assert headline["evaluation/external/less_safe_share"] == pytest.approx(0.25)
+    # Wilson at 95% for 1 of 4: (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n), z = 1.96.
+    z, p, n = 1.959964, 0.25, 4
+    upper = (p + z**2 / (2 * n) + z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))) / (1 + z**2 / n)
+    assert headline["evaluation/external/less_safe_share_upper"] == pytest.approx(upper, abs=1e-6)
+    assert "evaluation/external/win_rate/helpfulness" not in headline, "no judged prompts: no figure"
