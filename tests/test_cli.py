@@ -9,6 +9,7 @@ import datasets
 import pytest
 import yaml
 
+import safe_rlhf_v
 from safe_rlhf_v.cli import build_parser, main
 
 
@@ -114,3 +115,10 @@ def test_missing_data_exits_2(tmp_path: Path, data_dir: Path, capsys: pytest.Cap
     )
     assert code == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"safe-rlhf-v {safe_rlhf_v.__version__}"

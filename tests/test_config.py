@@ -37,7 +37,8 @@ def test_misspelled_key_names_key_and_file(tmp_path: Path) -> None:
         load_config(path)
     message = str(error.value)
     assert str(path) in message
-    assert "validate_data.prefernce_mostly: unknown key" in message
+    hint = "did you mean validate_data.preference_mostly?"
+    assert f"validate_data.prefernce_mostly: unknown key ({hint})" in message
 
 
 def test_wrong_type_is_not_coerced(tmp_path: Path) -> None:

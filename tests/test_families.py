@@ -207,8 +207,11 @@ def test_a_rollout_in_micro_batches_updates_like_the_whole_batch(
     after = {name: weights(run) for name, run in runs.items()}
     moved = [key for key in before if not torch.equal(before[key], after["whole"][key])]
     assert {key.split(".")[0] for key in moved} == {"actor", "reward_critic", "cost_critic"}
+    # Adam divides each gradient by its own RMS, so where a gradient is near zero the float
+    # reassociation of two micro-batches shows up at a few percent of that element's step (lr 1e-4):
+    # hold the updates to 5% of one step, which a skipped or doubled micro-batch far exceeds.
     for key in before:
-        torch.testing.assert_close(after["micro"][key], after["whole"][key], rtol=1e-4, atol=1e-6, msg=key)
+        torch.testing.assert_close(after["micro"][key], after["whole"][key], rtol=1e-4, atol=5e-6, msg=key)
 
 
 def test_ppo_runs_with_micro_batches_two_update_passes_and_lora(

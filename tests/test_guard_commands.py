@@ -65,6 +65,9 @@ def test_moderate_prints_a_json_verdict(
     verdict = json.loads(capsys.readouterr().out)
     assert verdict["query"]["severity"] in ("safe", "minor", "moderate", "severe")
     assert verdict["response"]["rating"] in range(-3, 4)
+    for part in ("query", "response"):  # one convention for both: `safe` and `severity`, no `unsafe`
+        assert {"safe", "severity"} <= set(verdict[part]) and "unsafe" not in verdict[part], part
+    assert verdict["query"]["safe"] == (verdict["query"]["severity"] == "safe")
 
 
 def test_moderate_rejects_bad_inputs(

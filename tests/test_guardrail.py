@@ -37,9 +37,9 @@ class ScriptedGuard:
     def judge_queries(self, images: list[Image.Image], questions: list[str]) -> list[QueryVerdict]:
         return [
             QueryVerdict(
-                unsafe=self.severities.get(q, "safe") != "safe",
+                safe=self.severities.get(q, "safe") == "safe",
                 severity=self.severities.get(q, "safe"),
-                score=0.0,
+                unsafe_probability=0.0,
             )
             for q in questions
         ]

@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from safe_rlhf_v import __version__
 from safe_rlhf_v.config import ConfigError, PipelineConfig, load_config
 
 if TYPE_CHECKING:
@@ -321,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the docs and tests)."""
     parser = argparse.ArgumentParser(prog="safe-rlhf-v", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("make-demo-data", help="write synthetic BeaverTails-V train/evaluation parquet")

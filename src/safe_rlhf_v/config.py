@@ -9,8 +9,9 @@ and turns pydantic's errors into messages that name the offending key and the fi
 from __future__ import annotations
 
 import copy
+import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -481,12 +482,33 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
+def _section_keys(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys the config section at `loc` accepts ([] where `loc` leaves the typed models)."""
+    model: type[BaseModel] = PipelineConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:  # a dict key (e.g. a `resources` stage name) or a list index
+            continue
+        nested = next((t for t in (field.annotation, *get_args(field.annotation)) if _is_model(t)), None)
+        if nested is None:
+            return []
+        model = nested
+    return list(model.model_fields)
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
 def _format_errors(error: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "<root>"
         if item["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (misspelled?)")
+            section = [str(part) for part in item["loc"][:-1]]
+            near = difflib.get_close_matches(str(item["loc"][-1]), _section_keys(item["loc"][:-1]), n=1)
+            hint = f"did you mean {'.'.join([*section, near[0]])}?" if near else "misspelled?"
+            lines.append(f"  {key}: unknown key ({hint})")
         else:
             lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
     return "\n".join(lines)

@@ -36,9 +36,9 @@ REFUSAL = (
 class QueryVerdict:
     """The guard's judgement of a request alone (image + question)."""
 
-    unsafe: bool
+    safe: bool  # the same convention as AnswerVerdict, so a query and its answer read alike
     severity: Severity
-    score: float  # probability or confidence that the request is unsafe
+    unsafe_probability: float  # or the judge's confidence that the request is unsafe
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,9 @@ tell whether the run worked (the ones the acceptance targets are stated in).
 
 from __future__ import annotations
 
+import shutil
+import sys
+from pathlib import Path
 from typing import Any
 
 from safe_rlhf_v.pipelines.local import LocalRun
@@ -143,6 +146,13 @@ def format_summary(run: LocalRun) -> str:
         f"outputs:  {run.run_dir}",
         f"summary:  {run.summary_path}  (every figure of every stage)",
         f"MLflow:   {run.tracking_uri}",
-        f"          browse with: mlflow ui --backend-store-uri {run.tracking_uri}",
+        f"          browse with: {_mlflow_command()} ui --backend-store-uri {run.tracking_uri}",
     ]
     return "\n".join(lines)
+
+
+def _mlflow_command() -> str:
+    """`mlflow` when it is on PATH, else the one beside this interpreter (`.venv/bin/mlflow` when the
+    venv is not activated), so the printed hint runs as printed."""
+    beside = Path(sys.executable).parent / "mlflow"
+    return "mlflow" if shutil.which("mlflow") == str(beside) or not beside.exists() else str(beside)

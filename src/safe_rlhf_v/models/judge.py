@@ -54,7 +54,9 @@ class GuardJudge:
             for severity, score in zip(
                 query_severities(logits), query_unsafe_probability(logits).tolist(), strict=True
             ):
-                verdicts.append(QueryVerdict(unsafe=severity != "safe", severity=severity, score=score))
+                verdicts.append(
+                    QueryVerdict(safe=severity == "safe", severity=severity, unsafe_probability=score)
+                )
         return verdicts
 
     @torch.no_grad()
