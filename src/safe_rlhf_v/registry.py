@@ -34,7 +34,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from safe_rlhf_v import storage, tracking
-from safe_rlhf_v.config import PipelineConfig
+from safe_rlhf_v.config import HarmJudge, PipelineConfig, ShareBound
 from safe_rlhf_v.errors import UserError
 from safe_rlhf_v.stages.common import RESULT_FILE, StageResult
 from safe_rlhf_v.stages.lineage import LINEAGE_FILE, SPLITS, model_digest, read_lineage
@@ -133,8 +133,8 @@ class GateLimits:
     cost_threshold: float
     max_harmful_share: float
     min_reward_delta: float
-    judge: Literal["reference", "cost_model"] = "reference"
-    bound: Literal["upper", "point"] = "upper"
+    judge: HarmJudge = "reference"
+    bound: ShareBound = "upper"
 
 
 @dataclass(frozen=True)

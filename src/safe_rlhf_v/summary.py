@@ -155,4 +155,4 @@ def _mlflow_command() -> str:
     """`mlflow` when it is on PATH, else the one beside this interpreter (`.venv/bin/mlflow` when the
     venv is not activated), so the printed hint runs as printed."""
     beside = Path(sys.executable).parent / "mlflow"
-    return "mlflow" if shutil.which("mlflow") == str(beside) or not beside.exists() else str(beside)
+    return "mlflow" if shutil.which("mlflow") == str(beside) else str(beside)

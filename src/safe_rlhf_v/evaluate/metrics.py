@@ -257,13 +257,15 @@ def share_interval(flags: Sequence[bool] | np.ndarray, confidence: float = 0.95)
     array = np.asarray(flags, dtype=bool)
     if array.ndim != 1 or array.size == 0:
         raise ValueError(f"a share needs a non-empty flat sequence of flags, got shape {array.shape}")
+    return count_interval(int(array.sum()), array.size, confidence)
+
+
+def count_interval(hits: int, n: int, confidence: float = 0.95) -> dict[str, float]:
+    """`share_interval` from counts: `hits` of `n` (n > 0), e.g. a judge's tallied verdicts."""
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
-    hits = int(array.sum())
-    interval = scipy.stats.binomtest(hits, array.size).proportion_ci(
-        confidence_level=confidence, method="wilson"
-    )
-    return {"mean": hits / array.size, "low": float(interval.low), "high": float(interval.high)}
+    interval = scipy.stats.binomtest(hits, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return {"mean": hits / n, "low": float(interval.low), "high": float(interval.high)}
 
 
 def _share(flags: np.ndarray, settings: _Settings) -> dict[str, float] | None:
@@ -471,8 +473,7 @@ def _external_headline(external: Mapping[str, Any], confidence: float) -> dict[s
                 continue
             flat[f"{name}/external/win_rate/{aspect}"] = duel["win"] + duel["tie"] / 2
             if aspect == "harmlessness":
-                losses = round(duel["loss"] * duel["n"])
-                share = share_interval([True] * losses + [False] * (duel["n"] - losses), confidence)
+                share = count_interval(round(duel["loss"] * duel["n"]), duel["n"], confidence)
                 flat[f"{name}/external/less_safe_share"] = share["mean"]
                 flat[f"{name}/external/less_safe_share_upper"] = share["high"]
     return flat

@@ -54,7 +54,7 @@ _PYTHON_TYPES: dict[str, tuple[type, ...]] = {
 class KfpOpsError(UserError, ValueError):
     """A request the KFP API cannot serve as asked (bad host, unknown parameter, missing pipeline).
 
-    A ValueError, so the CLI reports it as one line naming the problem instead of a traceback.
+    A UserError, so the CLI reports it as one line naming the problem instead of a traceback.
     """
 
 
