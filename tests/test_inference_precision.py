@@ -58,7 +58,7 @@ def test_guard_judges_requests_and_answers_in_bf16(
     queries = judge.judge_queries(images, questions)
     answers = judge.judge_answers(images, questions, ["No.", "", "Ask an adult."])
     assert len(queries) == len(answers) == len(rows)
-    assert all(0.0 <= q.score <= 1.0 for q in queries)
+    assert all(0.0 <= q.unsafe_probability <= 1.0 for q in queries)
 
 
 def test_scorer_scores_in_the_models_precision(
