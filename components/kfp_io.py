@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from safe_rlhf_v.config import PipelineConfig, config_from_dict
-from safe_rlhf_v.stages.common import RESULT_FILE, StageResult
+from safe_rlhf_v.records import RESULT_FILE, StageResult
 
 
 def parse_config(

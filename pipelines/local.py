@@ -7,18 +7,20 @@ the components exactly as it is in the container image on a cluster. Each run ge
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kfp import local
 
+from safe_rlhf_v import storage
 from safe_rlhf_v.config import PipelineConfig
 from safe_rlhf_v.pipelines.safe_rlhf_v import build_pipeline
-from safe_rlhf_v.stages.common import StageResult, write_json
+from safe_rlhf_v.records import StageResult
 from safe_rlhf_v.tracking import resolve_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -96,7 +98,7 @@ def run_local(cfg: PipelineConfig, data_uri: str | None = None) -> LocalRun:
             for payload in _payloads(output):
                 result = StageResult.from_json(payload)
                 variant = result.details.get("variant")
-                stages[f"{result.stage}/{variant}" if variant else result.stage] = asdict(result)
+                stages[f"{result.stage}/{variant}" if variant else result.stage] = result.model_dump()
     except RuntimeError as failure:
         error = str(failure)
         log.error("pipeline failed: %s", error)
@@ -110,7 +112,7 @@ def run_local(cfg: PipelineConfig, data_uri: str | None = None) -> LocalRun:
         "stages": stages,
     }
     summary_path = run_dir / "summary.json"
-    write_json(summary_path, summary)
+    storage.atomic_write_text(summary_path, json.dumps(summary, indent=2, sort_keys=True))
     return LocalRun(
         run_dir=run_dir,
         summary_path=summary_path,

@@ -13,7 +13,7 @@ import pytest
 from safe_rlhf_v.components import kfp_io
 from safe_rlhf_v.config import PipelineConfig, config_from_dict
 from safe_rlhf_v.ops import launch
-from safe_rlhf_v.stages.common import RESULT_FILE, StageResult
+from safe_rlhf_v.records import RESULT_FILE, StageResult
 
 
 def cfg_with(resources: dict[str, Any]) -> PipelineConfig:

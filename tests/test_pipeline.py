@@ -15,11 +15,11 @@ from safe_rlhf_v.cli import main
 from safe_rlhf_v.config import PipelineConfig, config_from_dict, load_config
 from safe_rlhf_v.data.sources import load_split
 from safe_rlhf_v.data.synthetic import corpus
+from safe_rlhf_v.lineage import read_lineage
 from safe_rlhf_v.models.family import FAMILIES, family_of
 from safe_rlhf_v.models.score import ScoreModel
 from safe_rlhf_v.models.tiny import TinyVLMSpec, build_tiny_vlm
 from safe_rlhf_v.pipelines.local import run_local
-from safe_rlhf_v.stages.lineage import read_lineage
 from safe_rlhf_v.summary import format_summary
 from safe_rlhf_v.tracking import PIPELINE_RUN_TAG, STAGE_TAG
 
@@ -106,20 +106,20 @@ def test_local_run_validates_trains_and_records_lineage(
         model_dir = Path(trained["outputs"]["model"])
         assert ScoreModel.load(str(model_dir)).kind == kind
         lineage = read_lineage(str(model_dir))
-        assert lineage["data_sha256"]["train"] == train_sha, "the model traces back to the validated data"
+        assert lineage.data_sha256["train"] == train_sha, "the model traces back to the validated data"
         assert client.get_run(trained["mlflow_run_id"]).data.tags["mlflow.parentRunId"] == parent.info.run_id
 
     guard = summary["stages"]["train-guard"]
     assert 0.0 <= guard["metrics"]["safe_accuracy"] <= 1.0
-    assert read_lineage(guard["outputs"]["model"])["data_sha256"]["train"] == train_sha
+    assert read_lineage(guard["outputs"]["model"]).data_sha256["train"] == train_sha
     reward_dir = summary["stages"]["train-reward"]["outputs"]["model"]
     for variant in ("safe-rlhf-v", "reward-only"):
         ppo = summary["stages"][f"train-ppo-lag/{variant}"]
         assert {"initial_reward", "trained_reward", "trained_harmful_share", "trained_truth_harmful_share",
                 "truth_win_rate_helpfulness"} <= set(ppo["metrics"])  # fmt: skip
         lineage = read_lineage(ppo["outputs"]["model"])
-        assert lineage["variant"] == variant and lineage["reward_model"] == reward_dir
-        assert lineage["data_sha256"]["train"] == train_sha
+        assert lineage.variant == variant and lineage.reward_model == reward_dir
+        assert lineage.data_sha256["train"] == train_sha
     printed = format_summary(run)
     assert "initial policy" in printed and "reward-only" in printed
 

@@ -21,8 +21,8 @@ from safe_rlhf_v import registry, storage, tracking
 from safe_rlhf_v.cli import main
 from safe_rlhf_v.components.register import register as register_component
 from safe_rlhf_v.config import PipelineConfig, config_from_dict
-from safe_rlhf_v.stages.common import RESULT_FILE, StageResult
-from safe_rlhf_v.stages.lineage import write_lineage
+from safe_rlhf_v.lineage import write_lineage
+from safe_rlhf_v.records import RESULT_FILE, Lineage, StageResult
 
 DATA_SHA = {
     "train": hashlib.sha256(b"train split").hexdigest(),
@@ -78,17 +78,17 @@ def trained_model(cfg: PipelineConfig, folder: Path, kind: str, run_id: str, **e
         )
     folder.mkdir(parents=True)
     (folder / "model.safetensors").write_bytes(f"{kind} weights of {run_id}".encode())
-    lineage = {
-        "stage": stage,
-        "kind": kind,
-        "pipeline_run_id": run_id,
-        "data_uri": cfg.data.uri,
-        "data_sha256": DATA_SHA,
-        "base_model": "tiny/base",
-        "base_model_sha256": "hub:tiny/base",
-        "mlflow_run_id": mlrun.info.run_id,
+    lineage = Lineage(
+        stage=stage.partition("/")[0],
+        kind=kind,
+        pipeline_run_id=run_id,
+        data_uri=cfg.data.uri,
+        data_sha256=DATA_SHA,
+        base_model="tiny/base",
+        base_model_sha256="hub:tiny/base",
+        mlflow_run_id=mlrun.info.run_id,
         **extra,
-    }
+    )
     write_lineage(folder, lineage)
     return folder
 
@@ -117,7 +117,7 @@ def figures(
 
 def evaluation_folder(folder: Path, run_id: str, metrics: dict[str, float]) -> Path:
     folder.mkdir(parents=True)
-    result = StageResult("evaluate", "succeeded", metrics=metrics, mlflow_run_id=None, pipeline_run_id=run_id)
+    result = StageResult(stage="evaluate", status="succeeded", metrics=metrics, pipeline_run_id=run_id)
     (folder / RESULT_FILE).write_text(result.to_json())
     return folder
 
@@ -233,7 +233,7 @@ def _incomplete_evaluation(uris: dict[str, str]) -> None:
     path = Path(uris["evaluation_uri"]) / RESULT_FILE
     metrics = figures()
     del metrics["evaluation/win_rate/harmlessness"]
-    path.write_text(StageResult("evaluate", "succeeded", metrics=metrics).to_json())
+    path.write_text(StageResult(stage="evaluate", status="succeeded", metrics=metrics).to_json())
 
 
 @pytest.mark.parametrize(
@@ -542,3 +542,15 @@ def test_stage_rerun_reuses_every_version(cfg: PipelineConfig, tmp_path: Path) -
     assert again.metrics == {"created_versions": 0.0}
     assert again.details["versions"]["reward"] == first.details["versions"]["reward"] | {"created": False}
     assert first.details["candidate_alias"] == "candidate"
+
+
+def test_register_finishes_the_parent_with_duration_and_headline(cfg: PipelineConfig, tmp_path: Path) -> None:
+    from safe_rlhf_v.stages import register
+
+    register.run(cfg, **pipeline_outputs(cfg, tmp_path, "p4"), pipeline_run_id="p4")
+    experiment_id = tracking.configure(cfg.tracking, cfg.work_dir)
+    parent = tracking.find_parent_run(experiment_id, "p4")
+    assert parent is not None and parent.info.status == "FINISHED"
+    assert parent.data.metrics["pipeline_duration_s"] >= 0
+    assert parent.data.metrics["evaluation/trained/harmful_share"] == pytest.approx(0.1)
+    assert all(run.info.status == "FINISHED" for run in MlflowClient().search_runs([experiment_id]))

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from safe_rlhf_v import __version__
 from safe_rlhf_v.errors import UserError
+from safe_rlhf_v.records import StageName
 
 
 class StrictModel(BaseModel):
@@ -199,7 +200,6 @@ class LoraSettings(StrictModel):
     """A regular expression over module names (peft matches it in full): the LLM's attention."""
 
 
-PPOVariant = Literal["safe-rlhf-v", "reward-only", "fixed-lambda"]
 Ablation = Literal["reward-only", "fixed-lambda"]
 
 
@@ -454,10 +454,10 @@ class PipelineConfig(StrictModel):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
     images: ImagesConfig = Field(default_factory=ImagesConfig)
-    resources: dict[str, ResourcesConfig] = Field(default_factory=dict)
+    resources: dict[StageName, ResourcesConfig] = Field(default_factory=dict)
     """Per stage name (e.g. `validate-data`); stages not listed get `ResourcesConfig()`."""
 
-    def resources_for(self, stage: str) -> ResourcesConfig:
+    def resources_for(self, stage: StageName) -> ResourcesConfig:
         """The resources of `stage`, falling back to the defaults."""
         return self.resources.get(stage, ResourcesConfig())
 
@@ -546,6 +546,3 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return config_from_dict(raw, str(path), overrides)
-
-
-Stage = Literal["validate-data"]

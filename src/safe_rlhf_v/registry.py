@@ -18,7 +18,6 @@ version: who, when, which alias, the gate figures and whether each check passed.
 from __future__ import annotations
 
 import getpass
-import json
 import math
 import re
 from collections.abc import Iterator, Mapping
@@ -36,8 +35,8 @@ from mlflow.tracking import MlflowClient
 from safe_rlhf_v import storage, tracking
 from safe_rlhf_v.config import HarmJudge, PipelineConfig, ShareBound
 from safe_rlhf_v.errors import UserError
-from safe_rlhf_v.stages.common import RESULT_FILE, StageResult
-from safe_rlhf_v.stages.lineage import LINEAGE_FILE, SPLITS, model_digest, read_lineage
+from safe_rlhf_v.lineage import SPLITS, model_digest, read_lineage
+from safe_rlhf_v.records import LINEAGE_FILE, MAIN_VARIANT, RESULT_FILE, StageResult
 
 Role = Literal["policy", "reward", "cost", "guard"]
 ROLES: tuple[Role, ...] = ("reward", "cost", "guard", "policy")
@@ -48,7 +47,6 @@ TRAINED_BY: dict[Role, str] = {
     "cost": "train-cost",
     "guard": "train-guard",
 }
-MAIN_VARIANT = "safe-rlhf-v"
 PROMOTION_TARGETS = ("staging", "production")
 
 REWARD_KEY = "evaluation/trained/reward"
@@ -89,7 +87,6 @@ HARM_JUDGES = (
 
 PIPELINE_RUN_TAG = "pipeline_run_id"
 MODEL_SHA_TAG = "model_sha256"
-_REQUIRED_LINEAGE = ("kind", "pipeline_run_id", "base_model_sha256", "mlflow_run_id")
 _POLICY_LINEAGE = ("variant", "reward_model_sha256", "cost_model_sha256")
 _RECORD_RE = re.compile(r"^promotion\.(\d+)\.")
 
@@ -283,15 +280,13 @@ def read_model_lineage(role: Role, uri: str) -> dict[str, Any]:
     if not storage.exists(uri):
         raise RegistryError(f"no {role} model folder at {uri}")
     where = f"{uri.rstrip('/')}/{LINEAGE_FILE}"
-    lineage = read_lineage(uri)
-    if not lineage:
+    record = read_lineage(uri)
+    if record is None:
         raise RegistryError(f"{where} is missing: {uri} is not a {TRAINED_BY[role]} output")
-    required = _REQUIRED_LINEAGE + (_POLICY_LINEAGE if role == "policy" else ())
+    lineage = record.model_dump()
+    required = _POLICY_LINEAGE if role == "policy" else ()
     missing = [key for key in required if not lineage.get(key)]
-    digests = lineage.get("data_sha256")
-    missing += [
-        f"data_sha256.{split}" for split in SPLITS if not isinstance(digests, dict) or not digests.get(split)
-    ]
+    missing += [f"data_sha256.{split}" for split in SPLITS if not lineage["data_sha256"].get(split)]
     if missing:
         raise RegistryError(f"{where} lacks {', '.join(missing)}")
     if lineage["kind"] != role:
@@ -312,10 +307,7 @@ def read_evaluation(uri: str) -> StageResult:
     path = f"{uri.rstrip('/')}/{RESULT_FILE}"
     if not storage.exists(path):
         raise RegistryError(f"{path} is missing: {uri} is not an evaluate output")
-    try:
-        result = StageResult.from_json(storage.read_text(path))
-    except (json.JSONDecodeError, TypeError) as error:
-        raise RegistryError(f"{path} is not a stage result: {error}") from None
+    result = StageResult.from_json(storage.read_text(path), path)
     if result.status != "succeeded":
         raise RegistryError(f"{path}: the evaluation {result.status}; only a succeeded one can be registered")
     missing = [key for key in HEADLINE_METRICS if key not in result.metrics]

@@ -623,6 +623,29 @@ def list_files(uri: str) -> list[str]:
         raise _missing(client, uri)
 
 
+def probe_write(uri: str) -> None:
+    """Check that a folder or prefix can be written to, by writing and deleting one small file.
+
+    A stage calls this before its work starts, so an unwritable or unreachable output location
+    fails in seconds instead of after hours of training. A local folder is probed in its parent,
+    where the atomic publish puts its temporary sibling.
+    """
+    probe_name = f".safe-rlhf-v-probe-{uuid.uuid4().hex[:12]}"
+    if not is_s3(uri):
+        parent = _local_path(uri).absolute().parent
+        with _os_errors(f"writing to {parent}"):
+            parent.mkdir(parents=True, exist_ok=True)
+            (parent / probe_name).write_bytes(b"")
+            (parent / probe_name).unlink()
+        return
+    bucket, key = split_s3(uri)
+    probe = f"{_prefix_of(key)}{probe_name}"
+    client = s3_client()
+    with _s3_errors(client, uri):
+        client.put_object(Bucket=bucket, Key=probe, Body=b"")
+        client.delete_object(Bucket=bucket, Key=probe)
+
+
 # ------------------------------------------------------------------------ transfers
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -90,22 +91,88 @@ def ensure_parent_run(experiment_id: str, pipeline_run_id: str, run_name: str | 
     return run.info.run_id
 
 
+def _end_stale_runs(experiment_id: str, pipeline_run_id: str, stage: str) -> None:
+    """Mark as KILLED the runs an earlier attempt of this stage left RUNNING.
+
+    A pod killed with SIGKILL (OOM, a lost node) cannot end its own run. Its retry, with the same
+    pipeline run id, is the first process that knows the attempt is over.
+    """
+    client = MlflowClient()
+    stale = client.search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}' and tags.`{STAGE_TAG}` = '{stage}' "
+            "and attributes.status = 'RUNNING'"
+        ),
+    )
+    for run in stale:
+        client.set_tag(run.info.run_id, "safe_rlhf_v.ended_by", "a later attempt of the same stage")
+        client.set_terminated(run.info.run_id, status="KILLED")
+
+
+def _set_parent_status(parent_id: str | None, status: str) -> None:
+    """The parent run mirrors the pipeline: RUNNING while stages run, FAILED or KILLED when one
+    does; `finish_pipeline` ends it FINISHED."""
+    if parent_id is None:
+        return
+    client = MlflowClient()
+    if status == "RUNNING":
+        if client.get_run(parent_id).info.status != "RUNNING":
+            client.update_run(parent_id, status="RUNNING")
+    else:
+        client.set_terminated(parent_id, status=status)
+
+
 @contextmanager
 def stage_run(
     stage: str, pipeline_run_id: str, tracking: TrackingConfig, work_dir: str | Path
 ) -> Iterator[mlflow.ActiveRun]:
-    """Open the MLflow run of one stage (resumed from `MLFLOW_RUN_ID` or nested under the pipeline)."""
+    """Open the MLflow run of one stage (resumed from `MLFLOW_RUN_ID` or nested under the pipeline).
+
+    The run always ends: FINISHED when the block completes, FAILED on an exception, KILLED when the
+    process is stopped (SystemExit from SIGTERM, Ctrl-C). The pipeline's parent run follows a failed
+    or killed stage, so a dead pipeline never shows as RUNNING.
+    """
     experiment_id = configure(tracking, work_dir)
     tags = {STAGE_TAG: stage, PIPELINE_RUN_TAG: pipeline_run_id}
+    parent_id: str | None = None
     if os.environ.get("MLFLOW_RUN_ID"):
-        with mlflow.start_run() as run:
-            mlflow.set_tags(tags)
-            yield run
-        return
-    parent_id = ensure_parent_run(experiment_id, pipeline_run_id)
-    tags["mlflow.parentRunId"] = parent_id
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
+        run = mlflow.start_run()
+        mlflow.set_tags(tags)
+    else:
+        parent_id = ensure_parent_run(experiment_id, pipeline_run_id)
+        _end_stale_runs(experiment_id, pipeline_run_id, stage)
+        _set_parent_status(parent_id, "RUNNING")
+        tags["mlflow.parentRunId"] = parent_id
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags)
+    try:
         yield run
+    except Exception:
+        mlflow.end_run("FAILED")
+        _set_parent_status(parent_id, "FAILED")
+        raise
+    except BaseException:
+        mlflow.end_run("KILLED")
+        _set_parent_status(parent_id, "KILLED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+def finish_pipeline(experiment_id: str, pipeline_run_id: str, headline: Mapping[str, float]) -> None:
+    """End the pipeline's parent run FINISHED, with its headline figures and its duration.
+
+    The last stage (register) calls this. Without it the parent of a successful run would stay
+    RUNNING forever, with no figures to compare runs by in the MLflow UI.
+    """
+    parent = find_parent_run(experiment_id, pipeline_run_id)
+    if parent is None:  # the KFP MLflow plugin owns the parent run
+        return
+    client = MlflowClient()
+    now_ms = int(time.time() * 1000)
+    for key, value in sorted(headline.items()):
+        client.log_metric(parent.info.run_id, key, float(value), timestamp=now_ms)
+    client.log_metric(parent.info.run_id, "pipeline_duration_s", (now_ms - parent.info.start_time) / 1000)
+    client.set_terminated(parent.info.run_id, status="FINISHED", end_time=now_ms)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

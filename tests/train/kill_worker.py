@@ -34,7 +34,7 @@ from mlp_training import KEY
 
 from safe_rlhf_v.config import PPOStageConfig, TrainConfig
 from safe_rlhf_v.data.sources import load_split
-from safe_rlhf_v.stages.lineage import validated_dataset_uri
+from safe_rlhf_v.lineage import validated_dataset_uri
 from safe_rlhf_v.train import checkpoint, integrity
 from safe_rlhf_v.train.cost import CostObjective
 from safe_rlhf_v.train.distributed import Engine

@@ -16,9 +16,9 @@ from mlp_training import KEY
 from safe_rlhf_v.cli import main
 from safe_rlhf_v.config import TrainConfig, load_config
 from safe_rlhf_v.data.sources import load_split
+from safe_rlhf_v.lineage import NotValidatedData, read_lineage, validated_dataset_uri
 from safe_rlhf_v.models.score import ScoreModel
 from safe_rlhf_v.stages import train_score
-from safe_rlhf_v.stages.lineage import read_lineage, validated_dataset_uri
 from safe_rlhf_v.train.checkpoint import STATE
 from safe_rlhf_v.train.cost import CostObjective
 from safe_rlhf_v.train.distributed import find_free_port
@@ -152,9 +152,9 @@ def test_stage_records_lineage_and_metrics(tmp_path: Path, tiny_model: Path, val
     result = train_score.run("train-reward", cfg, str(validated_data), str(out), pipeline_run_id="run-42")
     lineage = read_lineage(str(out))
     recorded = json.loads((validated_data / "result.json").read_text())["details"]
-    assert lineage["data_sha256"]["train"] == recorded["train_sha256"]
-    assert lineage["base_model"] == str(tiny_model)
-    assert lineage["pipeline_run_id"] == "run-42"
+    assert lineage.data_sha256["train"] == recorded["train_sha256"]
+    assert lineage.base_model == str(tiny_model)
+    assert lineage.pipeline_run_id == "run-42"
     assert "accuracy" in result.metrics
     run = MlflowClient().get_run(result.mlflow_run_id)
     assert run.data.params["train-reward.train.learning_rate"] == "0.002"
@@ -167,7 +167,7 @@ def test_stage_records_lineage_and_metrics(tmp_path: Path, tiny_model: Path, val
 
 def test_stage_refuses_unvalidated_data(tmp_path: Path, tiny_model: Path, demo_data: Path) -> None:
     cfg = load_config(stage_config(tmp_path, tiny_model))
-    with pytest.raises(ValueError, match="not a successful validate-data output"):
+    with pytest.raises(NotValidatedData, match="is not a validate-data output"):
         train_score.run("train-reward", cfg, str(demo_data), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
@@ -192,7 +192,7 @@ def test_two_process_torchrun_training_lowers_the_loss(
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["pairs"] == 24  # the evaluation gathered every rank's share exactly once
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    run_id = read_lineage(str(out))["mlflow_run_id"]
+    run_id = read_lineage(str(out)).mlflow_run_id
     history = [m.value for m in client.get_metric_history(run_id, "train/loss")]
     assert len(history) == 30  # 80 pairs / (4 per rank x 2 ranks) = 10 steps an epoch, 3 epochs
     assert sum(history[-4:]) / 4 < sum(history[:4]) / 4, history

@@ -17,17 +17,14 @@ import base64
 import io
 import json
 import logging
-import uuid
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import datasets
-import mlflow
 from PIL import Image
 
 from safe_rlhf_v import storage, tracking
-from safe_rlhf_v.config import PipelineConfig
+from safe_rlhf_v.config import ConfigError, PipelineConfig
 from safe_rlhf_v.data.ground_truth import truth_record
 from safe_rlhf_v.data.sources import load_split
 from safe_rlhf_v.evaluate.judge import PairwiseJudge, judge_records
@@ -35,11 +32,12 @@ from safe_rlhf_v.evaluate.metrics import summarize
 from safe_rlhf_v.evaluate.report import write_report
 from safe_rlhf_v.evaluate.scoring import AnswerScorer
 from safe_rlhf_v.guardrail import AnswerVerdict, Guardrail, answer_within
+from safe_rlhf_v.lineage import dataset_digests, model_digest, validated_dataset_uri
 from safe_rlhf_v.models.inference import best_device
 from safe_rlhf_v.models.judge import GuardJudge
 from safe_rlhf_v.models.policy import GenerationSettings, Policy
-from safe_rlhf_v.stages.common import RESULT_FILE, StageResult, local_model, staged_output, write_json
-from safe_rlhf_v.stages.lineage import dataset_digests, model_digest, validated_dataset_uri
+from safe_rlhf_v.records import StageResult
+from safe_rlhf_v.stages.context import open_stage
 
 STAGE = "evaluate"
 POLICIES = ("initial", "trained")
@@ -55,7 +53,9 @@ def prompt_sets(cfg: PipelineConfig, data_uri: str) -> dict[str, datasets.Datase
     sets = {"evaluation": held_out.select(range(min(cfg.evaluate.prompts, len(held_out))))}
     for name, uri in sorted(cfg.evaluate.extra_prompt_sets.items()):
         if name in sets:
-            raise ValueError(f"evaluate.extra_prompt_sets: the name {name!r} is reserved")
+            raise ConfigError(
+                f"evaluate.extra_prompt_sets: the name {name!r} is reserved for the validated split"
+            )
         sets[name] = load_split(uri, cfg.data.eval_split, cache_dir=cache)
     return sets
 
@@ -218,26 +218,21 @@ def run(
     pipeline_run_id: str | None = None,
 ) -> StageResult:
     """Evaluate `policy_uri` against the initial policy and publish the report to `out_uri`."""
-    pipeline_run_id = pipeline_run_id or f"local-{uuid.uuid4().hex[:12]}"
     initial = base_model or cfg.base_model
-    digests = dataset_digests(data_uri)
-    sets = prompt_sets(cfg, data_uri)
-    device = best_device()
-    local = {
-        role: local_model(uri, cfg.work_dir)
-        for role, uri in (
-            ("trained", policy_uri),
-            ("reward", reward_uri),
-            ("cost", cost_uri),
-            ("guard", guard_uri),
-        )
+    uris = {"trained": policy_uri, "reward": reward_uri, "cost": cost_uri, "guard": guard_uri}
+    inputs = {
+        "--data": data_uri,
+        "initial policy": initial,
+        **{f"{role} model": uri for role, uri in uris.items()},
+    }
+    inputs |= {
+        f"evaluate.extra_prompt_sets.{name}": uri for name, uri in cfg.evaluate.extra_prompt_sets.items()
     }
     section = cfg.evaluate
-    with (
-        tracking.stage_run(STAGE, pipeline_run_id, cfg.tracking, cfg.work_dir) as mlrun,
-        staged_output(out_uri) as out,
-    ):
+    with open_stage(STAGE, cfg, out_uri, inputs=inputs, pipeline_run_id=pipeline_run_id) as ctx:
         tracking.log_config(section, f"{STAGE}.")
+        digests = dataset_digests(data_uri)
+        sets = prompt_sets(cfg, data_uri)
         tracking.log_dataset(
             name="beavertails-v/evaluation",
             source_uri=validated_dataset_uri(data_uri),
@@ -245,13 +240,10 @@ def run(
             context="evaluation",
             rows=len(sets["evaluation"]),
         )
-        for role, uri in (
-            ("policy", policy_uri),
-            ("reward", reward_uri),
-            ("cost", cost_uri),
-            ("guard", guard_uri),
-        ):
-            tracking.log_model_reference(role, uri, model_digest(uri))
+        for role, uri in uris.items():
+            tracking.log_model_reference("policy" if role == "trained" else role, uri, model_digest(uri))
+        local = {role: ctx.model(uri) for role, uri in uris.items()}
+        device = best_device()
         reward = AnswerScorer(
             local["reward"],
             batch_size=section.batch_size,
@@ -262,7 +254,7 @@ def run(
             local["cost"], batch_size=section.batch_size, max_length=cfg.train_cost.max_length, device=device
         )
         guard = GuardJudge(local["guard"], batch_size=section.batch_size, device=device)
-        policies = {"initial": local_model(initial, cfg.work_dir), "trained": local["trained"]}
+        policies = {"initial": ctx.model(initial), "trained": local["trained"]}
         records = [
             record
             for name, rows in sets.items()
@@ -278,32 +270,29 @@ def run(
             cost_threshold=threshold,
             external=_external_judge(cfg, records, sets),
         )
-        history = _history(policy_uri)
+        assert ctx.out is not None and ctx.out_uri is not None  # evaluate is a single-process stage
         report = write_report(
-            summary, records, history, out, title=f"Safe RLHF-V evaluation — {cfg.name}", threshold=threshold
+            summary,
+            records,
+            _history(policy_uri),
+            ctx.out,
+            title=f"Safe RLHF-V evaluation — {cfg.name}",
+            threshold=threshold,
         )
-        write_json(out / "evaluation.json", summary)
         lines = [
             json.dumps({k: v for k, v in r.items() if k != "image_png"}, sort_keys=True) for r in records
         ]
-        storage.atomic_write_text(out / "answers.jsonl", "\n".join(lines) + "\n")
-        metrics = {key: float(value) for key, value in summary["headline"].items()}
-        result = StageResult(
-            stage=STAGE,
-            status="succeeded",
-            metrics=metrics,
+        storage.atomic_write_text(ctx.out / "answers.jsonl", "\n".join(lines) + "\n")
+        result = ctx.finish(
+            {key: float(value) for key, value in summary["headline"].items()},
             outputs={
-                "evaluation": out_uri,
-                "report": f"{out_uri.rstrip('/')}/{report.html.name}",
-                "markdown": f"{out_uri.rstrip('/')}/{report.markdown.name}",
+                "evaluation": ctx.out_uri,
+                "report": f"{ctx.out_uri.rstrip('/')}/{report.html.name}",
+                "markdown": f"{ctx.out_uri.rstrip('/')}/{report.markdown.name}",
             },
             details={"prompts": {name: len(rows) for name, rows in sets.items()}, "threshold": threshold},
-            mlflow_run_id=mlrun.info.run_id,
-            pipeline_run_id=pipeline_run_id,
+            files={"evaluation.json": summary},
+            artifacts=[report.html.name, report.markdown.name, "evaluation.json", "answers.jsonl"],
         )
-        write_json(out / RESULT_FILE, asdict(result))
-        mlflow.log_metrics(metrics)
-        for file in (report.html, report.markdown, out / "evaluation.json", out / "answers.jsonl"):
-            mlflow.log_artifact(str(file), artifact_path=STAGE)
     log.info("evaluate: report at %s", result.outputs["report"])
     return result

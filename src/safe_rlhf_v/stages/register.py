@@ -13,7 +13,8 @@ import mlflow
 
 from safe_rlhf_v import registry, storage, tracking
 from safe_rlhf_v.config import PipelineConfig
-from safe_rlhf_v.stages.common import StageResult
+from safe_rlhf_v.records import StageResult
+from safe_rlhf_v.stages.context import open_stage
 
 STAGE = "register"
 
@@ -54,7 +55,7 @@ def run(
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking, cfg.work_dir)
     with (
         registry.tracking_errors(tracking_uri),
-        tracking.stage_run(STAGE, pipeline_run_id, cfg.tracking, cfg.work_dir) as mlrun,
+        open_stage(STAGE, cfg, None, inputs={}, pipeline_run_id=pipeline_run_id) as ctx,
     ):
         tracking.log_config(cfg.registry, f"{STAGE}.")
         uris = publish(
@@ -77,13 +78,14 @@ def run(
         versions = {role: asdict(ref) | {"uri": ref.uri} for role, ref in refs.items()}
         mlflow.log_dict(versions, f"{STAGE}/registered_models.json")
         created = sum(ref.created for ref in refs.values())
-        mlflow.log_metric("created_versions", created)
-    return StageResult(
-        stage=STAGE,
-        status="succeeded",
-        metrics={"created_versions": float(created)},
-        outputs={role: ref.uri for role, ref in refs.items()},
-        details={"versions": versions, "candidate_alias": cfg.registry.candidate_alias},
-        mlflow_run_id=mlrun.info.run_id,
-        pipeline_run_id=pipeline_run_id,
-    )
+        result = ctx.finish(
+            {"created_versions": float(created)},
+            outputs={role: ref.uri for role, ref in refs.items()},
+            details={"versions": versions, "candidate_alias": cfg.registry.candidate_alias},
+        )
+        tracking.finish_pipeline(
+            mlflow.active_run().info.experiment_id,
+            pipeline_run_id,
+            registry.read_evaluation(evaluation_uri).metrics,
+        )
+    return result

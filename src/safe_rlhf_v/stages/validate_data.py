@@ -16,21 +16,19 @@ later stages never need the data section of the config to find their data.
 from __future__ import annotations
 
 import logging
-import uuid
-from dataclasses import asdict
 from pathlib import Path
 
 import datasets
-import mlflow
 
 from safe_rlhf_v import tracking
 from safe_rlhf_v.config import PipelineConfig
 from safe_rlhf_v.data.sources import load_split
 from safe_rlhf_v.data.validation import ValidationReport, validate_splits
 from safe_rlhf_v.errors import UserError
+from safe_rlhf_v.lineage import arrow_sha256
+from safe_rlhf_v.records import StageResult
 from safe_rlhf_v.stages import html
-from safe_rlhf_v.stages.common import RESULT_FILE, StageResult, staged_output, write_json
-from safe_rlhf_v.stages.lineage import arrow_sha256
+from safe_rlhf_v.stages.context import open_stage
 
 STAGE = "validate-data"
 CANONICAL_SPLITS = ("train", "evaluation")
@@ -111,46 +109,40 @@ def run(
     fails, so the task fails and nothing downstream can consume unvalidated data.
     """
     data_uri = data_uri or cfg.data.uri
-    pipeline_run_id = pipeline_run_id or f"local-{uuid.uuid4().hex[:12]}"
-    with tracking.stage_run(STAGE, pipeline_run_id, cfg.tracking, cfg.work_dir) as mlrun:
+    with open_stage(STAGE, cfg, out_uri, inputs={"--data": data_uri}, pipeline_run_id=pipeline_run_id) as ctx:
         tracking.log_config(cfg.data, "data.")
         tracking.log_config(cfg.validate_data, "validate_data.")
         splits = _load(cfg, data_uri)
-        with staged_output(out_uri) as out:
-            report = validate_splits(splits, cfg.validate_data, docs_dir=out / "data_docs")
-            write_json(out / "validation.json", report.to_dict())
-            write_json(out / "statistics.json", report.statistics)
-            (out / "report.html").write_text(render_report(report, data_uri))
-            result = StageResult(
-                stage=STAGE,
-                status="succeeded" if report.success else "failed",
-                metrics=_metrics(report),
-                outputs={"validated": out_uri, "data_docs": f"{out_uri}/data_docs/index.html"},
-                details={"source_uri": data_uri},
-                mlflow_run_id=mlrun.info.run_id,
-                pipeline_run_id=pipeline_run_id,
-            )
-            if report.success:
-                datasets.DatasetDict(splits).save_to_disk(str(out / "dataset"))
-                for split, dataset in splits.items():
-                    sha = arrow_sha256(out / "dataset" / split)
-                    result.details[f"{split}_sha256"] = sha
-                    tracking.log_dataset(
-                        name=f"beavertails-v/{split}",
-                        source_uri=data_uri,
-                        sha256=sha,
-                        context="training" if split == "train" else "evaluation",
-                        rows=len(dataset),
-                        extra_tags={"validated_uri": f"{out_uri}/dataset/{split}"},
-                    )
-                result.outputs["dataset"] = f"{out_uri}/dataset"
-            else:
-                result.details["failure"] = report.failure_message()
-            write_json(out / RESULT_FILE, asdict(result))
-            mlflow.log_metrics(result.metrics)
-            for name in ("validation.json", "statistics.json", "report.html", RESULT_FILE):
-                mlflow.log_artifact(str(out / name), artifact_path=STAGE)
-            mlflow.log_artifacts(str(out / "data_docs"), artifact_path=f"{STAGE}/data_docs")
+        assert ctx.out is not None and ctx.out_uri is not None  # validate-data is a single-process stage
+        out, out_uri = ctx.out, ctx.out_uri
+        report = validate_splits(splits, cfg.validate_data, docs_dir=out / "data_docs")
+        (out / "report.html").write_text(render_report(report, data_uri))
+        details: dict[str, str] = {"source_uri": data_uri}
+        outputs = {"validated": out_uri, "data_docs": f"{out_uri}/data_docs/index.html"}
+        if report.success:
+            datasets.DatasetDict(splits).save_to_disk(str(out / "dataset"))
+            for split, dataset in splits.items():
+                sha = arrow_sha256(out / "dataset" / split)
+                details[f"{split}_sha256"] = sha
+                tracking.log_dataset(
+                    name=f"beavertails-v/{split}",
+                    source_uri=data_uri,
+                    sha256=sha,
+                    context="training" if split == "train" else "evaluation",
+                    rows=len(dataset),
+                    extra_tags={"validated_uri": f"{out_uri}/dataset/{split}"},
+                )
+            outputs["dataset"] = f"{out_uri}/dataset"
+        else:
+            details["failure"] = report.failure_message()
+        result = ctx.finish(
+            _metrics(report),
+            status="succeeded" if report.success else "failed",
+            outputs=outputs,
+            details=details,
+            files={"validation.json": report.to_dict(), "statistics.json": report.statistics},
+            artifacts=["validation.json", "statistics.json", "report.html", "result.json", "data_docs"],
+        )
         if not report.success:
             raise DataValidationError(f"data at {data_uri} failed validation:\n{report.failure_message()}")
     return result

@@ -37,11 +37,12 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
 
-from safe_rlhf_v.config import PPOStageConfig, PPOVariant
+from safe_rlhf_v.config import PPOStageConfig
 from safe_rlhf_v.data.collate import SupervisedCollator
 from safe_rlhf_v.data.ground_truth import TruthVerdict, judge
 from safe_rlhf_v.evaluate.metrics import win_rate
 from safe_rlhf_v.models.score import ScoreModel
+from safe_rlhf_v.records import Variant
 from safe_rlhf_v.train.checkpoint import Checkpointer, engine_fingerprint
 from safe_rlhf_v.train.distributed import (
     Engine,
@@ -121,7 +122,7 @@ def prompt_table(dataset: datasets.Dataset) -> datasets.Dataset:
 class Roles:
     """The six models, wrapped for training (Engine) or inference (frozen DeepSpeed engines)."""
 
-    def __init__(self, models: PPOModels, cfg: PPOStageConfig, variant: PPOVariant, total_steps: int) -> None:
+    def __init__(self, models: PPOModels, cfg: PPOStageConfig, variant: Variant, total_steps: int) -> None:
         self.processor: ProcessorMixin = AutoProcessor.from_pretrained(models.actor)
         tokenizers = {name: AutoProcessor.from_pretrained(path).tokenizer for name, path in
                       (("reward", models.reward), ("cost", models.cost))}  # fmt: skip
@@ -175,7 +176,7 @@ class Roles:
         return engines
 
 
-def _lambda(cfg: PPOStageConfig, variant: PPOVariant) -> LagrangeMultiplier:
+def _lambda(cfg: PPOStageConfig, variant: Variant) -> LagrangeMultiplier:
     lag = cfg.lagrangian
     if variant == "reward-only":
         return LagrangeMultiplier(init=0.0, maximum=lag.max, lr=lag.lr, threshold=lag.threshold, rule="fixed",
@@ -200,7 +201,7 @@ class PPOLagrangianTrainer:
         models: PPOModels,
         prompts: datasets.Dataset,
         *,
-        variant: PPOVariant,
+        variant: Variant,
         checkpoint_dir: Path,
         checkpoint_key: bytes,
         ptx: datasets.Dataset | None = None,

@@ -1,22 +1,25 @@
-"""Lineage records every stage reads and writes: data digests and model digests.
+"""Lineage every stage reads and writes: data digests and model digests.
 
-A model folder carries `lineage.json` (the data digests it was trained on, the models it started
-from, the pipeline run), so the registration stage and anyone holding the folder can trace it back
-without MLflow.
+A model folder carries `lineage.json` (a `records.Lineage`: the data digests it was trained on,
+the models it started from, the pipeline run), so the registration stage and anyone holding the
+folder can trace it back without MLflow. This module sits below the stages and the registry, which
+both use it; it imports neither.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
-from typing import Any
 
 from safe_rlhf_v import storage
-from safe_rlhf_v.stages.common import RESULT_FILE
+from safe_rlhf_v.errors import UserError
+from safe_rlhf_v.records import LINEAGE_FILE, RESULT_FILE, Lineage, StageResult
 
-LINEAGE_FILE = "lineage.json"
 SPLITS = ("train", "evaluation")
+
+
+class NotValidatedData(UserError, ValueError):
+    """A training or evaluation stage was given data that validate-data did not pass."""
 
 
 def validated_dataset_uri(data_uri: str) -> str:
@@ -48,15 +51,15 @@ def dataset_digests(data_uri: str) -> dict[str, str]:
     Training stages only accept validate-data outputs, so unvalidated data never reaches a GPU.
     """
     result_uri = f"{data_uri.rstrip('/')}/{RESULT_FILE}"
-    recorded: dict[str, Any] = {}
-    if storage.exists(result_uri):
-        record = json.loads(storage.read_text(result_uri))
-        if record.get("status") == "succeeded":
-            recorded = {split: record.get("details", {}).get(f"{split}_sha256") for split in SPLITS}
-    if not recorded or not all(recorded.values()):
-        raise ValueError(
-            f"{data_uri} is not a successful validate-data output (no {RESULT_FILE} with split digests); "
-            "run `safe-rlhf-v validate-data --data SOURCE --out DIR` and pass DIR"
+    hint = "run `safe-rlhf-v validate-data --data SOURCE --out DIR` and pass DIR"
+    if not storage.exists(result_uri):
+        raise NotValidatedData(f"{data_uri} is not a validate-data output (no {RESULT_FILE}): {hint}")
+    record = StageResult.from_json(storage.read_text(result_uri), result_uri)
+    recorded = {split: record.details.get(f"{split}_sha256") for split in SPLITS}
+    if record.stage != "validate-data" or record.status != "succeeded" or not all(recorded.values()):
+        raise NotValidatedData(
+            f"{data_uri} is not a successful validate-data output ({result_uri} is a {record.status} "
+            f"{record.stage} result without split digests): {hint}"
         )
     return {split: str(sha) for split, sha in recorded.items()}
 
@@ -72,12 +75,14 @@ def model_digest(uri: str) -> str:
     return f"hub:{uri}"
 
 
-def write_lineage(folder: Path, record: dict[str, Any]) -> None:
+def write_lineage(folder: Path, record: Lineage) -> None:
     """Write `lineage.json` into a model folder being built."""
-    storage.atomic_write_text(folder / LINEAGE_FILE, json.dumps(record, indent=2, sort_keys=True))
+    storage.atomic_write_text(folder / LINEAGE_FILE, record.model_dump_json(indent=2, exclude_none=True))
 
 
-def read_lineage(uri: str) -> dict[str, Any]:
-    """The lineage record of a model folder; {} when it has none."""
+def read_lineage(uri: str) -> Lineage | None:
+    """The lineage record of a model folder; None when it has none (a base model, say)."""
     path = f"{uri.rstrip('/')}/{LINEAGE_FILE}"
-    return json.loads(storage.read_text(path)) if storage.exists(path) else {}
+    if not storage.exists(path):
+        return None
+    return Lineage.parse(storage.read_text(path), path)
