@@ -53,7 +53,7 @@ def run(
     pipeline_run_id = pipeline_run_id or registry.read_model_lineage("policy", policy_uri)["pipeline_run_id"]
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking, cfg.work_dir)
     with (
-        registry.tracking_errors(tracking_uri),
+        tracking.tracking_errors(tracking_uri),
         tracking.stage_run(STAGE, pipeline_run_id, cfg.tracking, cfg.work_dir) as mlrun,
     ):
         tracking.log_config(cfg.registry, f"{STAGE}.")

@@ -51,7 +51,6 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
 from sklearn.utils.class_weight import compute_class_weight
-from transformers import AutoProcessor, ProcessorMixin
 
 from safe_rlhf_v.config import TrainConfig
 from safe_rlhf_v.data.collate import GuardBatch, GuardCollator
@@ -66,6 +65,7 @@ from safe_rlhf_v.data.schema import (
 )
 from safe_rlhf_v.data.sources import to_flat
 from safe_rlhf_v.models.guard import QUERY_LABELS, RATINGS, GuardModel, GuardOutput
+from safe_rlhf_v.models.loading import load_processor
 from safe_rlhf_v.train.batches import PADDING, eval_shards, gather_rows, on_device
 from safe_rlhf_v.train.distributed import Engine, get_logger
 from safe_rlhf_v.train.loop import MetricsSink, TrainingResult, fit, trainer_fingerprint
@@ -445,9 +445,7 @@ def train_guard(
         len(eval_rows),
         dict(zip(RATING_TARGETS, objective.rating_weights.tolist(), strict=True)),
     )
-    processor: ProcessorMixin = AutoProcessor.from_pretrained(
-        settings.base_model, trust_remote_code=settings.trust_remote_code
-    )
+    processor = load_processor(settings.base_model, trust_remote_code=settings.trust_remote_code)
     collator = GuardCollator(
         processor,
         settings.max_length,

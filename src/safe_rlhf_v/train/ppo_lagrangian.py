@@ -35,12 +35,13 @@ from typing import Any
 import datasets
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
+from transformers import AutoModelForImageTextToText, ProcessorMixin
 
 from safe_rlhf_v.config import PPOStageConfig, PPOVariant
 from safe_rlhf_v.data.collate import SupervisedCollator
 from safe_rlhf_v.data.ground_truth import TruthVerdict, judge
 from safe_rlhf_v.evaluate.metrics import win_rate
+from safe_rlhf_v.models.loading import load_model, load_processor
 from safe_rlhf_v.models.score import ScoreModel
 from safe_rlhf_v.train.checkpoint import Checkpointer, engine_fingerprint
 from safe_rlhf_v.train.distributed import (
@@ -122,8 +123,8 @@ class Roles:
     """The six models, wrapped for training (Engine) or inference (frozen DeepSpeed engines)."""
 
     def __init__(self, models: PPOModels, cfg: PPOStageConfig, variant: PPOVariant, total_steps: int) -> None:
-        self.processor: ProcessorMixin = AutoProcessor.from_pretrained(models.actor)
-        tokenizers = {name: AutoProcessor.from_pretrained(path).tokenizer for name, path in
+        self.processor: ProcessorMixin = load_processor(models.actor)
+        tokenizers = {name: load_processor(path).tokenizer for name, path in
                       (("reward", models.reward), ("cost", models.cost))}  # fmt: skip
         for name, tokenizer in tokenizers.items():
             if tokenizer.get_vocab() != self.processor.tokenizer.get_vocab():
@@ -131,9 +132,7 @@ class Roles:
                     f"the {name} model's tokenizer differs from the actor's; rollouts are scored token for "
                     "token, so train the reward and cost models on the actor's base model"
                 )
-        actor = build_for_training(
-            cfg.actor, lambda: AutoModelForImageTextToText.from_pretrained(models.actor, use_safetensors=True)
-        )
+        actor = build_for_training(cfg.actor, lambda: load_model(AutoModelForImageTextToText, models.actor))
         if cfg.actor_lora is not None:
             lora = cfg.actor_lora
             actor = get_peft_model(
@@ -147,7 +146,7 @@ class Roles:
             )
         self.actor = Engine(actor, cfg.actor, total_steps=total_steps, name="actor")
         self.reference = frozen_engine(
-            AutoModelForImageTextToText.from_pretrained(models.actor, use_safetensors=True),
+            load_model(AutoModelForImageTextToText, models.actor),
             zero_stage=cfg.frozen_zero_stage,
             precision=cfg.actor.precision,
         )
