@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from safe_rlhf_v import __version__
 from safe_rlhf_v.config import PipelineConfig, load_config
-from safe_rlhf_v.errors import UserError, redact
+from safe_rlhf_v.errors import ArgumentError, UserError, redact
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -37,10 +37,6 @@ _OS_REFUSALS: dict[int, tuple[str, str]] = {
     errno.EROFS: ("read-only file system", "choose a writable location"),
 }
 """Operating-system errors that are the user's to fix: errno -> (what happened, what to do)."""
-
-
-class ArgumentError(UserError, ValueError):
-    """A command-line argument the command cannot use; the message names the argument."""
 
 
 def default_config_path() -> Path:

@@ -298,6 +298,10 @@ class JudgeConfig(StrictModel):
     one at a time would take hours for a few hundred prompts."""
 
 
+EVALUATION_SET = "evaluation"
+"""The prompt set of the held-out split, beside `evaluate.extra_prompt_sets`."""
+
+
 class EvaluateConfig(StrictModel):
     """The evaluation stage: trained vs initial policy on held-out prompts, with and without guardrail."""
 
@@ -318,6 +322,12 @@ class EvaluateConfig(StrictModel):
     """Grade answers with the synthetic world's exact judge (`data.ground_truth`) too: only for data
     made by `make-demo-data`, whose generator knows the truth. The PPO closing check uses it as well."""
     seed: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _extra_names_free(self) -> EvaluateConfig:
+        if EVALUATION_SET in self.extra_prompt_sets:
+            raise ValueError(f"extra_prompt_sets: the name {EVALUATION_SET!r} is the held-out split's")
+        return self
 
 
 class RegistryConfig(StrictModel):

@@ -30,6 +30,14 @@ class UserError(Exception):
     """A problem with the user's input or environment, explained in one line that names the input."""
 
 
+class ArgumentError(UserError, ValueError):
+    """A command argument the command cannot use (an empty question, zero rows); names the argument."""
+
+
+class OutputNotEmpty(UserError, FileExistsError):
+    """An output folder that already holds files, which the command refuses to overwrite."""
+
+
 def redact(uri: str) -> str:
     """``uri`` (or a message quoting URIs) with userinfo and secret-looking query values masked.
 

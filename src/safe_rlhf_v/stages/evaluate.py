@@ -54,8 +54,6 @@ def prompt_sets(cfg: PipelineConfig, data_uri: str) -> dict[str, datasets.Datase
     held_out = load_split(validated_dataset_uri(data_uri), "evaluation", cache_dir=cache)
     sets = {"evaluation": held_out.select(range(min(cfg.evaluate.prompts, len(held_out))))}
     for name, uri in sorted(cfg.evaluate.extra_prompt_sets.items()):
-        if name in sets:
-            raise ValueError(f"evaluate.extra_prompt_sets: the name {name!r} is reserved")
         sets[name] = load_split(uri, cfg.data.eval_split, cache_dir=cache)
     return sets
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from safe_rlhf_v import storage
+from safe_rlhf_v.data.sources import DataSourceError
 from safe_rlhf_v.stages.common import RESULT_FILE
 
 LINEAGE_FILE = "lineage.json"
@@ -54,7 +55,7 @@ def dataset_digests(data_uri: str) -> dict[str, str]:
         if record.get("status") == "succeeded":
             recorded = {split: record.get("details", {}).get(f"{split}_sha256") for split in SPLITS}
     if not recorded or not all(recorded.values()):
-        raise ValueError(
+        raise DataSourceError(
             f"{data_uri} is not a successful validate-data output (no {RESULT_FILE} with split digests); "
             "run `safe-rlhf-v validate-data --data SOURCE --out DIR` and pass DIR"
         )

@@ -41,7 +41,7 @@ from safe_rlhf_v.config import PPOStageConfig, PPOVariant
 from safe_rlhf_v.data.collate import SupervisedCollator
 from safe_rlhf_v.data.ground_truth import TruthVerdict, judge
 from safe_rlhf_v.evaluate.metrics import win_rate
-from safe_rlhf_v.models.loading import load_model, load_processor
+from safe_rlhf_v.models.loading import ModelFolderError, load_model, load_processor
 from safe_rlhf_v.models.score import ScoreModel
 from safe_rlhf_v.train.checkpoint import Checkpointer, engine_fingerprint
 from safe_rlhf_v.train.distributed import (
@@ -124,13 +124,12 @@ class Roles:
 
     def __init__(self, models: PPOModels, cfg: PPOStageConfig, variant: PPOVariant, total_steps: int) -> None:
         self.processor: ProcessorMixin = load_processor(models.actor)
-        tokenizers = {name: load_processor(path).tokenizer for name, path in
-                      (("reward", models.reward), ("cost", models.cost))}  # fmt: skip
-        for name, tokenizer in tokenizers.items():
-            if tokenizer.get_vocab() != self.processor.tokenizer.get_vocab():
-                raise ValueError(
-                    f"the {name} model's tokenizer differs from the actor's; rollouts are scored token for "
-                    "token, so train the reward and cost models on the actor's base model"
+        for name, path in (("reward", models.reward), ("cost", models.cost)):
+            if load_processor(path).tokenizer.get_vocab() != self.processor.tokenizer.get_vocab():
+                raise ModelFolderError(
+                    f"the {name} model {path} has another tokenizer than the policy {models.actor}; "
+                    "rollouts are scored token for token, so train the reward and cost models on the "
+                    "policy's base model"
                 )
         actor = build_for_training(cfg.actor, lambda: load_model(AutoModelForImageTextToText, models.actor))
         if cfg.actor_lora is not None:
