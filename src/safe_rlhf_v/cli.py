@@ -522,6 +522,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("safe_rlhf_v").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    # MLflow sets its own logger to INFO and announces every new sqlite store on stderr, which would
+    # bury the one error line a failing command prints.
+    logging.getLogger("mlflow").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
