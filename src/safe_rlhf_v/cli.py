@@ -154,7 +154,7 @@ def _read_image(path: str) -> PILImage:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
-        raise ArgumentError(f"--image {path}: cannot read it as an image: {error}") from None
+        raise ArgumentError(f"--image {path}: cannot read image: {error}") from None
 
 
 def cmd_moderate(args: argparse.Namespace) -> int:

@@ -37,7 +37,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForImageTextToText, ProcessorMixin
 
-from safe_rlhf_v.config import PPOStageConfig, PPOVariant
+from safe_rlhf_v.config import ConfigError, PPOStageConfig, PPOVariant
 from safe_rlhf_v.data.collate import SupervisedCollator
 from safe_rlhf_v.data.ground_truth import TruthVerdict, judge
 from safe_rlhf_v.evaluate.metrics import win_rate
@@ -309,7 +309,7 @@ class PPOLagrangianTrainer:
         cfg, mask = self.cfg, rollout.response_mask
         scored = rollout.has_critic_values
         if not scored and (cfg.update_iters != 1 or rollout.size > cfg.actor.per_device_batch_size):
-            raise ValueError(
+            raise ConfigError(
                 f"a rollout of {rollout.size} rows without the critics' values needs update_iters=1 and "
                 f"one micro-batch (actor.per_device_batch_size >= {rollout.size}); got "
                 f"update_iters={cfg.update_iters}, per_device_batch_size={cfg.actor.per_device_batch_size}"
