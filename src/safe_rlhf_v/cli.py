@@ -497,8 +497,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(text: str) -> str:
-    """A message as one stderr line: its lines joined, credentials in quoted URIs masked."""
-    return redact("; ".join(line.strip() for line in text.splitlines() if line.strip()))
+    """A message as one stderr line: its lines joined (after a heading's colon by a space, else by
+    "; "), credentials in quoted URIs masked."""
+    joined = ""
+    for line in filter(None, (line.strip() for line in text.splitlines())):
+        joined += line if not joined else (" " if joined.endswith(":") else "; ") + line
+    return redact(joined)
 
 
 def _os_refusal(error: OSError) -> str | None:
