@@ -469,7 +469,7 @@ def test_unreachable_tracking_server_is_named(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     tree = config_tree(tmp_path) | {"tracking": {"tracking_uri": f"http://127.0.0.1:{port}"}}
     with pytest.raises(
-        registry.RegistryError, match=rf"tracking server http://127.0.0.1:{port} is unreachable"
+        tracking.TrackingUnreachable, match=rf"tracking server http://127.0.0.1:{port} is unreachable"
     ):
         registry.list_versions(config_from_dict(tree))
 

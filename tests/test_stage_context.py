@@ -226,4 +226,6 @@ def test_a_malformed_result_names_its_file_and_field(tmp_path: Path) -> None:
 
 def test_a_misspelt_resources_stage_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="train-rewrad"):
-        config_from_dict({"base_model": "m", "data": {"uri": "d"}, "resources": {"train-rewrad": {"gpus": 8}}}, "test")
+        config_from_dict(
+            {"base_model": "m", "data": {"uri": "d"}, "resources": {"train-rewrad": {"gpus": 8}}}, "test"
+        )

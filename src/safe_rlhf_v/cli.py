@@ -1,12 +1,16 @@
 """`safe-rlhf-v`: one command line, a subcommand per pipeline stage and per operation.
 
-Every subcommand is a thin caller of a library function; errors in what the user supplied (config,
-data, storage) print one clear message and exit with status 2 instead of a traceback.
+Every subcommand is a thin caller of a library function. A `UserError` (something in the config,
+data, models, storage or environment that the user must fix) prints as one line and exits with
+status 2, and so does an operating-system refusal the user can act on (disk full, over quota,
+permission denied, read-only file system), naming the path. Any other exception is a bug here
+and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -16,12 +20,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from safe_rlhf_v import __version__
-from safe_rlhf_v.config import ConfigError, PipelineConfig, load_config
+from safe_rlhf_v.config import PipelineConfig, load_config
+from safe_rlhf_v.errors import ArgumentError, UserError, redact
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
 DEFAULT_CONFIG = "demo.yaml"
+EXIT_USER_ERROR = 2
+
+_OS_REFUSALS: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: ("no space left on device", "free space and rerun"),
+    errno.EDQUOT: ("disk quota exceeded", "free space or raise the quota and rerun"),
+    errno.EACCES: ("permission denied", "check the owner and mode of the path, or choose another"),
+    errno.EPERM: ("operation not permitted", "check the owner and mode of the path, or choose another"),
+    errno.EROFS: ("read-only file system", "choose a writable location"),
+}
+"""Operating-system errors that are the user's to fix: errno -> (what happened, what to do)."""
 
 
 def default_config_path() -> Path:
@@ -132,14 +147,14 @@ def cmd_train_guard(args: argparse.Namespace) -> int:
 
 
 def _read_image(path: str) -> PILImage:
-    """An RGB image, or a ValueError naming the file (missing, not an image, truncated)."""
+    """An RGB image, or an ArgumentError naming the file (missing, not an image, truncated)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"cannot read image {path}: {error}") from None
+        raise ArgumentError(f"--image {path}: cannot read image: {error}") from None
 
 
 def cmd_moderate(args: argparse.Namespace) -> int:
@@ -148,7 +163,7 @@ def cmd_moderate(args: argparse.Namespace) -> int:
     from safe_rlhf_v.models.judge import GuardJudge
 
     if not args.question.strip():
-        raise ValueError("--question is empty: the guard judges a question (and optionally an answer)")
+        raise ArgumentError("--question is empty: the guard judges a question (and optionally an answer)")
     image = _read_image(args.image)
     judge = GuardJudge(args.guard)
     verdict: dict[str, object] = {"query": asdict(judge.judge_queries([image], [args.question])[0])}
@@ -481,11 +496,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from safe_rlhf_v.stages.validate_data import DataValidationError
-    from safe_rlhf_v.storage import StorageError
+def _one_line(text: str) -> str:
+    """A message as one stderr line: its lines joined (after a heading's colon by a space, else by
+    "; "), credentials in quoted URIs masked."""
+    joined = ""
+    for line in filter(None, (line.strip() for line in text.splitlines())):
+        joined += line if not joined else (" " if joined.endswith(":") else "; ") + line
+    return redact(joined)
 
-    return (ConfigError, DataValidationError, StorageError, FileNotFoundError, FileExistsError, ValueError)
+
+def _os_refusal(error: OSError) -> str | None:
+    """The one-line explanation of an OSError the user can fix, None for any other OSError."""
+    known = _OS_REFUSALS.get(error.errno or 0)
+    if known is None:
+        return None
+    what, fix = known
+    paths = [str(path) for path in (error.filename, error.filename2) if path is not None]
+    where = f": {' -> '.join(paths)}" if paths else ""
+    return f"{what}{where} ({fix})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -498,14 +526,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("safe_rlhf_v").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    # MLflow sets its own logger to INFO and announces every new sqlite store on stderr, which would
+    # bury the one error line a failing command prints.
+    logging.getLogger("mlflow").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except _user_errors() as error:
+    except UserError as error:
         if args.verbose:
             raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        message = str(error)
+    except OSError as error:
+        refusal = _os_refusal(error)
+        if refusal is None or args.verbose:
+            raise
+        message = refusal
+    print(f"error: {_one_line(message)}", file=sys.stderr)
+    return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -1,15 +1,22 @@
 """Typed configuration: one strict pydantic model per stage and one for the whole pipeline.
 
 Every model is strict (no silent coercion: "3" is not an int), forbids unknown keys (a misspelled
-key is an error, not a silently ignored setting) and is frozen (stages cannot mutate shared
-settings). YAML files are loaded with `load_config`, which applies dotted command-line overrides
-and turns pydantic's errors into messages that name the offending key and the file.
+key is an error, not a silently ignored setting), refuses non-finite numbers (`.nan`, `.inf`: no
+setting means anything at infinity, and a NaN threshold compares false with everything) and is
+frozen (stages cannot mutate shared settings). YAML files are loaded with `load_config`, which
+applies dotted command-line overrides and turns pydantic's errors into messages that name the
+offending key and the file.
+
+YAML is read as PyYAML reads it (YAML 1.1) with one change: a number in exponent notation without
+a dot, such as `5e-07` or `1E5`, is a float, as in YAML 1.2 and every other YAML reader, not the
+string PyYAML would make of it (which the strict float fields would then reject).
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -24,7 +31,7 @@ from safe_rlhf_v.records import StageName
 class StrictModel(BaseModel):
     """Base for all configuration sections."""
 
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(StrictModel):
@@ -189,6 +196,13 @@ class LagrangianConfig(StrictModel):
     update_delay_steps: int = Field(default=1, ge=0)
     episode_cost_window: int = Field(default=128, ge=1)
 
+    @model_validator(mode="after")
+    def _init_within_max(self) -> LagrangianConfig:
+        # Checked here, not only by the multiplier, so a bad pair fails at load, not after data loading.
+        if self.init > self.max:
+            raise ValueError(f"init={self.init} must not exceed max={self.max}")
+        return self
+
 
 class LoraSettings(StrictModel):
     """Low-rank adapters on the actor (peft): trains a few million parameters instead of all 7B."""
@@ -284,6 +298,10 @@ class JudgeConfig(StrictModel):
     one at a time would take hours for a few hundred prompts."""
 
 
+EVALUATION_SET = "evaluation"
+"""The prompt set of the held-out split, beside `evaluate.extra_prompt_sets`."""
+
+
 class EvaluateConfig(StrictModel):
     """The evaluation stage: trained vs initial policy on held-out prompts, with and without guardrail."""
 
@@ -304,6 +322,12 @@ class EvaluateConfig(StrictModel):
     """Grade answers with the synthetic world's exact judge (`data.ground_truth`) too: only for data
     made by `make-demo-data`, whose generator knows the truth. The PPO closing check uses it as well."""
     seed: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _extra_names_free(self) -> EvaluateConfig:
+        if EVALUATION_SET in self.extra_prompt_sets:
+            raise ValueError(f"extra_prompt_sets: the name {EVALUATION_SET!r} is the held-out split's")
+        return self
 
 
 class RegistryConfig(StrictModel):
@@ -466,6 +490,22 @@ class ConfigError(UserError, ValueError):
     """A configuration file or override is wrong; the message names the key and the file."""
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading `5e-07` as a float (see the module docstring)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as this package reads every config file and `--set` value."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -484,7 +524,12 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-        parsed.append((key.strip(), yaml.safe_load(raw)))
+        try:
+            value = parse_yaml(raw)
+        except yaml.YAMLError as error:
+            problem = str(error).splitlines()[0]
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({problem})") from None
+        parsed.append((key.strip(), value))
     return parsed
 
 
@@ -538,9 +583,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     """Load a YAML pipeline config, apply `key=value` overrides, and validate it."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = parse_yaml(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as error:
+        raise ConfigError(f"config file {path} cannot be read: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not UTF-8 text: {error.reason}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
     if not isinstance(raw, dict):

@@ -20,14 +20,12 @@ from __future__ import annotations
 import getpass
 import math
 import re
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-import requests
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -183,36 +181,9 @@ def client_for(cfg: PipelineConfig) -> tuple[MlflowClient, str]:
 
     No experiment is created or selected: promotion and listing only touch the registry.
     """
+    tracking.http_defaults()
     uri = tracking.resolve_tracking_uri(cfg.tracking, cfg.work_dir)
     return MlflowClient(uri), uri
-
-
-def _network_failure(error: BaseException) -> BaseException | None:
-    """The connection error or timeout somewhere in an exception's chain, if any."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-@contextmanager
-def tracking_errors(uri: str) -> Iterator[None]:
-    """Turn "tracking server unreachable" into one RegistryError naming the server.
-
-    MLflow reports a refused connection as a generic `MlflowException` after its retries
-    (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`); the underlying requests error is in the exception chain.
-    """
-    try:
-        yield
-    except MlflowException as error:
-        if _network_failure(error) is None:
-            raise
-        raise RegistryError(
-            f"MLflow tracking server {uri} is unreachable: check MLFLOW_TRACKING_URI or "
-            f"tracking.tracking_uri and that the server runs ({error.message.splitlines()[0][:300]})"
-        ) from None
 
 
 def _not_found(error: MlflowException) -> bool:
@@ -455,7 +426,7 @@ def register_run_models(
         _check_upstream(lineages["policy"], role, digests[role], uris[role])
     client, tracking_uri = client_for(cfg)
     refs: dict[str, ModelVersionRef] = {}
-    with tracking_errors(tracking_uri):
+    with tracking.tracking_errors(tracking_uri):
         for role in ROLES:
             tags = _lineage_tags(lineages[role], pipeline_run_id, digests[role])
             if role == "policy":
@@ -629,7 +600,7 @@ def promote(
         raise RegistryError("--force needs a non-empty --reason: it is recorded on the version")
     who = user or _current_user()
     client, uri = client_for(cfg)
-    with tracking_errors(uri):
+    with tracking.tracking_errors(uri):
         aliases = _registered_model_aliases(client, model, uri)
         target = _model_version(client, model, str(version))
         holder_version = aliases.get(to)
@@ -688,7 +659,7 @@ def list_versions(cfg: PipelineConfig, name: str | None = None) -> list[VersionI
     client, uri = client_for(cfg)
     names = [name] if name else [getattr(cfg.registry, f"{role}_name") for role in ROLES]
     rows: list[VersionInfo] = []
-    with tracking_errors(uri):
+    with tracking.tracking_errors(uri):
         for model in names:
             try:
                 aliases = _registered_model_aliases(client, model, uri)

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from safe_rlhf_v.config import PipelineConfig
+from safe_rlhf_v.config import ConfigError, PipelineConfig
+from safe_rlhf_v.errors import ArgumentError
 from safe_rlhf_v.stages import train_ppo, train_score, validate_data
 from safe_rlhf_v.storage import atomic_write_text
 
@@ -73,14 +74,14 @@ def run_seeds(
 ) -> list[SeedResult]:
     """Train every PPO variant at every seed (upstream stages once) and write `seeds.json`."""
     if not cfg.evaluate.ground_truth:
-        raise ValueError(
+        raise ConfigError(
             "the seeds check grades answers with the exact judge: set evaluate.ground_truth=true"
         )
     if len(set(seeds)) < 2:
-        raise ValueError(f"give at least two different seeds, got {list(seeds)}")
+        raise ArgumentError(f"--seeds: give at least two different seeds, got {list(seeds)}")
     variants = [MAIN, *cfg.ablations]
     if "reward-only" not in variants:
-        raise ValueError(
+        raise ConfigError(
             "the seeds check compares Safe RLHF-V with the reward-only ablation: add it to ablations"
         )
     out_dir.mkdir(parents=True, exist_ok=True)

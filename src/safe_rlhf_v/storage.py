@@ -15,15 +15,18 @@ one machine (local folders, ``file://`` URIs) and in a cluster (S3 or MinIO). Th
   pod) streams only the objects whose ETag or size changed. A 7B checkpoint is hashed by several
   stages for lineage, so this saves re-reading tens of GB per pipeline run. The records are a cache:
   an object rewritten with other content gets a new ETag, and deleting them costs one re-hash.
-* Every failure raises :class:`StorageError` naming the URI (and, for S3, the endpoint); malformed
-  URIs raise :class:`ValueError`.
+* Every failure raises :class:`StorageError` naming the URI (and, for S3, the endpoint, with any
+  credentials in it masked); malformed URIs raise its subclass :class:`MalformedURI`, also a
+  ``ValueError``.
 
 S3 access goes through boto3 with credentials from the standard AWS chain (environment, shared
 files, IAM roles); they are never logged. Tunables, read from the environment on every call:
-``SAFE_RLHF_V_S3_MAX_ATTEMPTS`` (default 5), ``SAFE_RLHF_V_S3_CONNECT_TIMEOUT`` (seconds, default 5)
-and ``SAFE_RLHF_V_S3_MULTIPART_MB`` (multipart threshold and part size in MiB, default 64, at least
-S3's 5 MiB part minimum). botocore's own variables (for example ``AWS_REQUEST_CHECKSUM_CALCULATION``
-for stores without the newer checksums) apply as usual.
+``SAFE_RLHF_V_S3_MAX_ATTEMPTS`` (default 5), ``SAFE_RLHF_V_S3_CONNECT_TIMEOUT`` (seconds, default 5),
+``SAFE_RLHF_V_S3_READ_TIMEOUT`` (seconds to wait for each response or chunk once connected, default
+15: an endpoint that accepts connections but never answers fails after attempts x timeout instead
+of botocore's 60 s per attempt) and ``SAFE_RLHF_V_S3_MULTIPART_MB`` (multipart threshold and part
+size in MiB, default 64, at least S3's 5 MiB part minimum). botocore's own variables (for example
+``AWS_REQUEST_CHECKSUM_CALCULATION`` for stores without the newer checksums) apply as usual.
 """
 
 from __future__ import annotations
@@ -52,10 +55,11 @@ from botocore.exceptions import (
     ClientError,
     NoCredentialsError,
     PartialCredentialsError,
+    ReadTimeoutError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from safe_rlhf_v.errors import UserError
+from safe_rlhf_v.errors import UserError, redact
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,7 @@ DIGEST_RECORD_PREFIX = ".safe-rlhf-v/digests/"
 ENDPOINT_ENV_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
 MAX_ATTEMPTS_ENV = "SAFE_RLHF_V_S3_MAX_ATTEMPTS"
 CONNECT_TIMEOUT_ENV = "SAFE_RLHF_V_S3_CONNECT_TIMEOUT"
+READ_TIMEOUT_ENV = "SAFE_RLHF_V_S3_READ_TIMEOUT"
 MULTIPART_MB_ENV = "SAFE_RLHF_V_S3_MULTIPART_MB"
 CREDENTIAL_ENV_VARS = (
     "AWS_ACCESS_KEY_ID",
@@ -90,6 +95,10 @@ class StorageError(UserError, RuntimeError):
     """A storage operation failed; the message names the URI and, for S3, the endpoint."""
 
 
+class MalformedURI(StorageError, ValueError):
+    """A URI this module cannot address (no bucket, an unsupported scheme, a remote file host)."""
+
+
 # --------------------------------------------------------------------------------------- URIs
 
 
@@ -101,10 +110,10 @@ def is_s3(uri: str) -> bool:
 def split_s3(uri: str) -> tuple[str, str]:
     """Split ``s3://bucket/key`` into ``("bucket", "key")``; the key may be empty (bucket root)."""
     if not is_s3(uri):
-        raise ValueError(f"not an s3:// URI: {uri!r}")
+        raise MalformedURI(f"not an s3:// URI: {uri!r}")
     bucket, _, key = uri[len(S3_SCHEME) :].partition("/")
     if not bucket:
-        raise ValueError(f"malformed S3 URI {uri!r}: no bucket name (expected s3://bucket/key)")
+        raise MalformedURI(f"malformed S3 URI {uri!r}: no bucket name (expected s3://bucket/key)")
     return bucket, key
 
 
@@ -114,10 +123,10 @@ def _local_path(uri: str) -> Path:
     if uri.startswith(FILE_SCHEME):
         parsed = urlparse(uri)
         if parsed.netloc not in ("", "localhost"):
-            raise ValueError(f"file URI {uri!r} names a remote host; only local files are supported")
+            raise MalformedURI(f"file URI {uri!r} names a remote host; only local files are supported")
         return Path(unquote(parsed.path))
     if _SCHEME_RE.match(uri):
-        raise ValueError(f"unsupported URI scheme in {uri!r}: use a local path, file:// or s3://")
+        raise MalformedURI(f"unsupported URI scheme in {uri!r}: use a local path, file:// or s3://")
     return Path(uri)
 
 
@@ -167,6 +176,7 @@ def s3_client() -> BaseClient:
     config = Config(
         retries={"mode": "standard", "total_max_attempts": int(_env_number(MAX_ATTEMPTS_ENV, 5, 1, int))},
         connect_timeout=_env_number(CONNECT_TIMEOUT_ENV, 5.0, 0.1, float),
+        read_timeout=_env_number(READ_TIMEOUT_ENV, 15.0, 0.1, float),
         s3={"addressing_style": "path"} if endpoint else None,
     )
     return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
@@ -182,10 +192,10 @@ def _transfer_config() -> TransferConfig:
 
 
 def _endpoint_text(client: BaseClient) -> str:
-    """The URL a client talks to and where it came from, for error messages."""
+    """The URL a client talks to and where it came from, for error messages (credentials masked)."""
     _, source = _configured_endpoint()
     origin = f"set by {source}" if source else "the AWS default"
-    return f"{client.meta.endpoint_url}, {origin}"
+    return f"{redact(client.meta.endpoint_url)}, {origin}"
 
 
 def _credentials_hint() -> str:
@@ -236,10 +246,16 @@ def _translate(err: BaseException, client: BaseClient, uri: str) -> StorageError
         return StorageError(
             f"no usable S3 credentials for {uri} (endpoint {endpoint}): {_credentials_hint()}"
         )
+    if isinstance(root, ReadTimeoutError):
+        return StorageError(
+            f"S3 endpoint {endpoint} timed out: no answer for {uri} within "
+            f"{client.meta.config.read_timeout} s; check that the endpoint is an S3 server and is "
+            f"not overloaded, or raise {READ_TIMEOUT_ENV}"
+        )
     if isinstance(root, BotoConnectionError):
         return StorageError(
-            f"cannot reach S3 endpoint {endpoint} (needed for {uri}): {root}; check the endpoint "
-            f"variable ({', '.join(ENDPOINT_ENV_VARS)}) and that the server is up"
+            f"cannot reach S3 endpoint {endpoint} (needed for {uri}): {redact(str(root))}; check the "
+            f"endpoint variable ({', '.join(ENDPOINT_ENV_VARS)}) and that the server is up"
         )
     return StorageError(f"S3 operation on {uri} failed (endpoint {endpoint}): {root}")
 

@@ -8,6 +8,11 @@ first), so a cluster without the plugin and the local runner produce the same tr
 MLflow caps a data set's `digest` at 36 characters, too short for a sha256. Inputs therefore carry
 the first 32 hex characters as `digest` and the full sha256 in the input tag `sha256`, plus the
 source URI, so a registered model can be traced to the exact bytes it was trained on.
+
+A tracking server that is down must not stall a stage for minutes: unless the user set them,
+`MLFLOW_HTTP_REQUEST_TIMEOUT` defaults to 20 s here (MLflow: 120) and
+`MLFLOW_HTTP_REQUEST_MAX_RETRIES` to 2 (MLflow: 7, about four minutes of backoff), and an
+unreachable server ends in one `TrackingUnreachable` line naming it, password masked.
 """
 
 from __future__ import annotations
@@ -22,17 +27,61 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import requests
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Run
+from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
 from safe_rlhf_v.config import TrackingConfig
+from safe_rlhf_v.errors import UserError, redact
 
 PIPELINE_RUN_TAG = "kfp.pipeline_run_id"
 STAGE_TAG = "safe_rlhf_v.stage"
 DIGEST_PREFIX_CHARS = 32
+HTTP_TIMEOUT_S = 20
+HTTP_MAX_RETRIES = 2
+
+
+class TrackingUnreachable(UserError, RuntimeError):
+    """The MLflow tracking server does not answer; the message names it (credentials masked)."""
+
+
+def http_defaults() -> None:
+    """Bound MLflow's HTTP waits, keeping any value the user set (see the module docstring)."""
+    os.environ.setdefault(MLFLOW_HTTP_REQUEST_TIMEOUT.name, str(HTTP_TIMEOUT_S))
+    os.environ.setdefault(MLFLOW_HTTP_REQUEST_MAX_RETRIES.name, str(HTTP_MAX_RETRIES))
+
+
+def _network_failure(error: BaseException) -> BaseException | None:
+    """The connection error or timeout somewhere in an exception's chain, if any."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+@contextmanager
+def tracking_errors(uri: str) -> Iterator[None]:
+    """Turn "tracking server unreachable" into one TrackingUnreachable naming the server.
+
+    MLflow reports a refused connection as a generic `MlflowException` after its retries
+    (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`); the underlying requests error is in the exception chain.
+    """
+    try:
+        yield
+    except MlflowException as error:
+        if _network_failure(error) is None:
+            raise
+        raise TrackingUnreachable(
+            f"MLflow tracking server {redact(uri)} is unreachable: check MLFLOW_TRACKING_URI or "
+            f"tracking.tracking_uri and that the server runs ({redact(error.message.splitlines()[0][:300])})"
+        ) from None
 
 
 def resolve_tracking_uri(tracking: TrackingConfig, work_dir: str | Path) -> str:
@@ -52,19 +101,21 @@ def configure(tracking: TrackingConfig, work_dir: str | Path) -> str:
     With a local sqlite store the experiment's artifacts go to `<work_dir>/mlruns` (absolute), so they
     do not depend on the working directory of whichever process logs them.
     """
+    http_defaults()
     uri = resolve_tracking_uri(tracking, work_dir)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(tracking.experiment)
-    if experiment is not None:
-        mlflow.set_experiment(experiment_id=experiment.experiment_id)
-        return experiment.experiment_id
-    artifact_location = tracking.artifact_location
-    if artifact_location is None and uri.startswith("sqlite:"):
-        artifact_location = (Path(work_dir).resolve() / "mlruns").as_uri()
-    experiment_id = client.create_experiment(tracking.experiment, artifact_location=artifact_location)
-    mlflow.set_experiment(experiment_id=experiment_id)
-    return experiment_id
+    with tracking_errors(uri):
+        experiment = client.get_experiment_by_name(tracking.experiment)
+        if experiment is not None:
+            mlflow.set_experiment(experiment_id=experiment.experiment_id)
+            return experiment.experiment_id
+        artifact_location = tracking.artifact_location
+        if artifact_location is None and uri.startswith("sqlite:"):
+            artifact_location = (Path(work_dir).resolve() / "mlruns").as_uri()
+        experiment_id = client.create_experiment(tracking.experiment, artifact_location=artifact_location)
+        mlflow.set_experiment(experiment_id=experiment_id)
+        return experiment_id
 
 
 def find_parent_run(experiment_id: str, pipeline_run_id: str) -> Run | None:

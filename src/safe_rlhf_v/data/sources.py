@@ -19,6 +19,10 @@ Sources, told apart by the URI:
   ``DIR/<split>-*.<ext>``, ``DIR/<split>/*.<ext>``, ``DIR/*/<split>-*.<ext>`` (the hub layout
   ``<config>/<split>-00000-of-00001.parquet``; there ``configs`` picks the config folders). In
   jsonl, ``image`` is a path relative to the jsonl file (or an absolute one).
+
+Whatever the user's data gets wrong (a missing path or split, an empty or unreadable file, data in
+neither layout) raises :class:`DataSourceError` naming the source; a missing path or split raises
+its subclass :class:`DataSourceMissing`, which is also a ``FileNotFoundError``.
 """
 
 from __future__ import annotations
@@ -28,15 +32,25 @@ from pathlib import Path
 
 import datasets
 import pyarrow as pa
+from datasets.exceptions import DatasetGenerationError
 
 from safe_rlhf_v import storage
 from safe_rlhf_v.data.schema import FLAT_COLUMNS, FLAT_FEATURES, PAIRED_FEATURES, detect_layout
+from safe_rlhf_v.errors import UserError
 
 HF_SCHEME = "hf://"
 FORMATS = {"parquet": "parquet", "jsonl": "json"}
 """File suffix -> the ``datasets`` packaged builder that reads it."""
 _LISTED_FILES = 20
 _SPLIT_PATTERNS = ("{split}.{ext}", "{split}-*.{ext}", "{split}/*.{ext}", "*/{split}-*.{ext}")
+
+
+class DataSourceError(UserError, ValueError):
+    """The data at a URI cannot be read as BeaverTails-V; the message names the URI or file."""
+
+
+class DataSourceMissing(DataSourceError, FileNotFoundError):
+    """The path, split or image files a data URI points at do not exist."""
 
 
 def load_split(
@@ -51,20 +65,20 @@ def load_split(
 
     ``cache_dir`` holds the ``datasets`` cache (under ``hf/``) and S3 downloads (under ``s3/``);
     it is required for ``s3://`` sources, where it is what makes a second load skip the download.
-    Raises ``FileNotFoundError`` for a missing path or split and ``ValueError`` for data in
-    neither layout, naming the source.
+    Raises :class:`DataSourceMissing` for a missing path or split and :class:`DataSourceError`
+    for anything else wrong with the data, naming the source.
     """
     hf_cache = str(cache_dir / "hf") if cache_dir is not None else None
     if uri.startswith(HF_SCHEME):
         dataset = _load_hub(uri, split, configs or [], revision, hf_cache)
     elif revision is not None:
-        raise ValueError(f"revision {revision!r} pins a hub commit and cannot apply to {uri}")
+        raise DataSourceError(f"revision {revision!r} pins a hub commit and cannot apply to {uri}")
     elif storage.is_s3(uri):
         if cache_dir is None:
-            raise ValueError(f"loading {uri} needs a cache_dir to download the S3 prefix into")
+            raise DataSourceError(f"loading {uri} needs a cache_dir to download the S3 prefix into")
         dataset = _load_local(_fetch_s3(uri, cache_dir / "s3"), split, configs or [], hf_cache)
     elif "://" in uri:
-        raise ValueError(
+        raise DataSourceError(
             f"unsupported data URI {uri!r}: use a local path, s3://bucket/prefix or hf://owner/name"
         )
     else:
@@ -104,7 +118,7 @@ def _load_hub(
     """Each named config's split (or the default config's), concatenated in the given order."""
     name = uri[len(HF_SCHEME) :].strip("/")
     if not name:
-        raise ValueError(f"malformed hub URI {uri!r}: expected hf://owner/name")
+        raise DataSourceError(f"malformed hub URI {uri!r}: expected hf://owner/name")
     parts = [
         datasets.load_dataset(name, config, split=split, revision=revision, cache_dir=cache_dir)
         for config in (configs or [None])
@@ -144,7 +158,7 @@ def _fetch_s3(uri: str, cache_root: Path) -> Path:
 
 def _load_local(path: Path, split: str, configs: list[str], cache_dir: str | None) -> datasets.Dataset:
     if not path.exists():
-        raise FileNotFoundError(f"data source {path} does not exist")
+        raise DataSourceMissing(f"data source {path} does not exist")
     if path.is_file():
         _refuse_configs(configs, f"file {path}")
         return _load_files(_file_format(path), [path], cache_dir)
@@ -161,7 +175,7 @@ def _load_local(path: Path, split: str, configs: list[str], cache_dir: str | Non
 def _refuse_configs(configs: list[str], what: str) -> None:
     """Configs select hub subsets; silently ignoring them elsewhere would load other data than asked."""
     if configs:
-        raise ValueError(
+        raise DataSourceError(
             f"configs {configs} apply to hf:// ids and <config>/<split>-*.parquet folders, not to {what}"
         )
 
@@ -169,7 +183,7 @@ def _refuse_configs(configs: list[str], what: str) -> None:
 def _file_format(path: Path) -> str:
     ext = path.suffix.lstrip(".")
     if ext not in FORMATS:
-        raise ValueError(f"cannot read {path}: expected a .parquet or .jsonl file")
+        raise DataSourceError(f"cannot read {path}: expected a .parquet or .jsonl file")
     return ext
 
 
@@ -177,10 +191,10 @@ def _from_saved(path: Path, split: str) -> datasets.Dataset:
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
-            raise FileNotFoundError(f"{path} has no split {split!r}; its splits are {sorted(loaded)}")
+            raise DataSourceMissing(f"{path} has no split {split!r}; its splits are {sorted(loaded)}")
         return loaded[split]
     if loaded.split is not None and str(loaded.split) != split:
-        raise FileNotFoundError(f"{path} holds split {str(loaded.split)!r}, not {split!r}")
+        raise DataSourceMissing(f"{path} holds split {str(loaded.split)!r}, not {split!r}")
     return loaded
 
 
@@ -189,9 +203,11 @@ def _split_files(root: Path, split: str, configs: list[str]) -> tuple[str, list[
     found = {ext: _match(root, split, ext, configs) for ext in FORMATS}
     formats = [ext for ext, files in found.items() if files]
     if len(formats) > 1:
-        raise ValueError(f"{root} holds both parquet and jsonl files for split {split!r}; keep one format")
+        raise DataSourceError(
+            f"{root} holds both parquet and jsonl files for split {split!r}; keep one format"
+        )
     if not formats:
-        raise FileNotFoundError(
+        raise DataSourceMissing(
             f"no parquet or jsonl files for split {split!r} under {root}"
             f"{f' in configs {configs}' if configs else ''}; found: {_describe(root)}"
         )
@@ -203,7 +219,7 @@ def _match(root: Path, split: str, ext: str, configs: list[str]) -> list[Path]:
         per_config = [sorted(root.glob(f"{config}/{split}-*.{ext}")) for config in configs]
         missing = [config for config, files in zip(configs, per_config, strict=True) if not files]
         if missing and len(missing) < len(configs):
-            raise FileNotFoundError(f"{root} has no {ext} files of split {split!r} for configs {missing}")
+            raise DataSourceMissing(f"{root} has no {ext} files of split {split!r} for configs {missing}")
         return [file for files in per_config for file in files]
     for pattern in _SPLIT_PATTERNS:
         files = sorted(root.glob(pattern.format(split=split, ext=ext)))
@@ -219,22 +235,43 @@ def _describe(root: Path) -> str:
 
 
 def _load_files(ext: str, files: list[Path], cache_dir: str | None) -> datasets.Dataset:
+    for file in files:
+        _refuse_empty(file)
     if ext == "parquet":
-        return datasets.load_dataset(
-            "parquet", data_files=[str(f) for f in files], split="train", cache_dir=cache_dir
-        )
+        try:
+            return datasets.load_dataset(
+                "parquet", data_files=[str(f) for f in files], split="train", cache_dir=cache_dir
+            )
+        except (pa.ArrowInvalid, DatasetGenerationError) as err:
+            named = files[0] if len(files) == 1 else f"{files[0].parent} ({len(files)} files)"
+            raise DataSourceError(f"cannot read {named} as parquet: {_first_line(err)}") from err
     return datasets.concatenate_datasets([_load_jsonl(file, cache_dir) for file in files])
+
+
+def _refuse_empty(file: Path) -> None:
+    """An empty file is a split with no schema, which the readers report as a bare StopIteration or
+    an Arrow error about byte counts; say what it is instead."""
+    if file.stat().st_size == 0 or (file.suffix == ".jsonl" and not file.read_bytes().strip()):
+        raise DataSourceError(f"data file {file} is empty: it holds no rows (and no columns)")
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _load_jsonl(file: Path, cache_dir: str | None) -> datasets.Dataset:
     """One jsonl file with ``image`` turned from a path relative to the file into an image."""
-    dataset = datasets.load_dataset("json", data_files=str(file), split="train", cache_dir=cache_dir)
+    try:
+        dataset = datasets.load_dataset("json", data_files=str(file), split="train", cache_dir=cache_dir)
+    except DatasetGenerationError as err:
+        cause = err.__cause__ or err
+        raise DataSourceError(f"cannot read {file} as JSON lines: {_first_line(cause)}") from err
     if dataset.features.get("image") != datasets.Value("string"):
-        raise ValueError(f"{file}: column 'image' must hold image file paths (strings)")
+        raise DataSourceError(f"{file}: column 'image' must hold image file paths (strings)")
     images = [(file.parent / relative).resolve() for relative in dataset["image"]]
     missing = [str(image) for image in images if not image.is_file()]
     if missing:
-        raise FileNotFoundError(f"{file}: {len(missing)} image files do not exist, e.g. {missing[0]}")
+        raise DataSourceMissing(f"{file}: {len(missing)} image files do not exist, e.g. {missing[0]}")
     columns = dataset.column_names
     dataset = dataset.remove_columns("image").add_column("image", [str(image) for image in images])
     return dataset.select_columns(columns).cast_column("image", datasets.Image())
@@ -249,7 +286,7 @@ def _canonical(dataset: datasets.Dataset, uri: str, split: str) -> datasets.Data
     try:
         layout = detect_layout(dataset.column_names)
     except ValueError as err:
-        raise ValueError(f"{uri} (split {split!r}): {err}") from err
+        raise DataSourceError(f"{uri} (split {split!r}): {err}") from err
     features = PAIRED_FEATURES if layout == "paired" else FLAT_FEATURES
     for column, feature in features.items():
         if dataset.features[column] == feature:
@@ -257,7 +294,7 @@ def _canonical(dataset: datasets.Dataset, uri: str, split: str) -> datasets.Data
         try:
             dataset = dataset.cast_column(column, feature)
         except (ValueError, TypeError, pa.ArrowException) as err:
-            raise ValueError(
+            raise DataSourceError(
                 f"{uri} (split {split!r}): column {column!r} of type {dataset.features[column]} "
                 f"cannot be read as {feature}: {err}"
             ) from err

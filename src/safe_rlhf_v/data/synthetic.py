@@ -42,6 +42,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from safe_rlhf_v.data.schema import CATEGORIES, PAIRED_FEATURES, RESPONSE_IDS, is_safe
+from safe_rlhf_v.errors import ArgumentError
 
 T = TypeVar("T")
 IMAGE_SIZE = 64
@@ -372,7 +373,7 @@ def generate_records(rows: int, seed: int = 0, split: str = "train") -> list[dic
     balanced), and categories cycle through all 20 in a seeded order, then rows are shuffled.
     """
     if rows < 1:
-        raise ValueError(f"rows must be at least 1, got {rows}")
+        raise ArgumentError(f"rows must be at least 1, got {rows}")
     rng = _split_rng(seed, split)
     category_order = rng.permutation(len(CATEGORIES))
     twins = (rows + 1) // 2
@@ -421,7 +422,7 @@ def write_demo_data(
     eval_rows = max(rows // 5, MIN_EVAL_ROWS) if eval_rows is None else eval_rows
     for name, count in (("rows", rows), ("eval_rows", eval_rows)):
         if count < 1:
-            raise ValueError(f"{name} must be at least 1, got {count}")
+            raise ArgumentError(f"{name} must be at least 1, got {count}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return {

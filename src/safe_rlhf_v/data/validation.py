@@ -38,6 +38,7 @@ from PIL import Image
 
 from safe_rlhf_v.config import ValidationConfig
 from safe_rlhf_v.data import schema
+from safe_rlhf_v.data.sources import DataSourceError
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ def _image_facts(split: str, dataset: datasets.Dataset, max_pixels: int) -> pd.D
         raw = dataset.select_columns([IMAGE_COLUMN]).cast_column(IMAGE_COLUMN, datasets.Image(decode=False))
     except (TypeError, ValueError) as error:
         feature = dataset.features[IMAGE_COLUMN]
-        raise ValueError(
+        raise DataSourceError(
             f"split {split!r}: column {IMAGE_COLUMN!r} of type {feature} cannot be read as images: {error}"
         ) from error
     rows = [

@@ -20,7 +20,7 @@ from typing import Any, Final, Literal
 
 import openai
 
-from safe_rlhf_v.config import JudgeConfig
+from safe_rlhf_v.config import ConfigError, JudgeConfig
 from safe_rlhf_v.evaluate.metrics import ASPECTS, Aspect, parse_records
 
 Choice = Literal["A", "B", "tie"]
@@ -92,7 +92,7 @@ class PairwiseJudge:
     def __init__(self, cfg: JudgeConfig, api_key: str | None = None) -> None:
         key = api_key if api_key is not None else os.environ.get(cfg.api_key_env)
         if not key:
-            raise ValueError(
+            raise ConfigError(
                 f"external judge at {cfg.base_url}: environment variable {cfg.api_key_env} holding its "
                 "API key is not set (evaluate.judge.api_key_env names the variable)"
             )

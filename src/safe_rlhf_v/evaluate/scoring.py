@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoProcessor, ProcessorMixin
+from transformers import ProcessorMixin
 
 from safe_rlhf_v.data.collate import encode_conversations
 from safe_rlhf_v.models.inference import best_device, inference_dtype, model_inputs
+from safe_rlhf_v.models.loading import load_processor
 from safe_rlhf_v.models.score import ScoreModel
 
 
@@ -26,7 +27,7 @@ class AnswerScorer:
     ) -> None:
         self.device = device or best_device()
         self.model = ScoreModel.load(model_dir, dtype=inference_dtype(self.device)).to(self.device).eval()
-        self.processor: ProcessorMixin = AutoProcessor.from_pretrained(str(model_dir))
+        self.processor: ProcessorMixin = load_processor(model_dir)
         self.batch_size = batch_size
         self.max_length = max_length
 

@@ -33,6 +33,12 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig, ProcessorMixin
 
+from safe_rlhf_v.errors import UserError
+
+
+class UnsupportedFamily(UserError, ValueError):
+    """A model whose architecture is none of the supported VLM families (the message lists them)."""
+
 
 def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """1-D positions counted over real tokens only, as ``generate`` counts them for left-padded prompts."""
@@ -183,5 +189,5 @@ def family_of(source: PretrainedConfig | ProcessorMixin | torch.nn.Module) -> Mo
         found = [f for f in FAMILIES.values() if model_type in f.model_types]
         what = f"model type {model_type!r}"
     if not found:
-        raise ValueError(f"unsupported model family: {what}; supported families: {sorted(FAMILIES)}")
+        raise UnsupportedFamily(f"unsupported model family: {what}; supported families: {sorted(FAMILIES)}")
     return found[0]

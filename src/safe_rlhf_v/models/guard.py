@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, PreTrainedModel, ProcessorMixin
 
 from safe_rlhf_v.data.schema import CATEGORIES, HARMLESS_RATE_RANGE, SEVERITIES, Severity, severity_from_rate
+from safe_rlhf_v.models.loading import ModelFolderError, ModelFolderMissing, load_model
 from safe_rlhf_v.models.score import CONFIG_FILE as SCORE_CONFIG_FILE
 from safe_rlhf_v.models.score import ScoreModel, backbone_hidden, backbone_state, last_token_index
 
@@ -126,31 +127,33 @@ def _describe_folder(folder: Path) -> str:
 def read_guard_config(folder: Path) -> dict[str, Any]:
     """The ``guard_config.json`` of a guard folder, checked; a clear error for any other folder."""
     if not folder.is_dir():
-        raise FileNotFoundError(f"guard model folder {folder} does not exist")
+        raise ModelFolderMissing(f"guard model folder {folder} does not exist")
     missing = [name for name in (CONFIG_FILE, HEADS_FILE) if not (folder / name).is_file()]
     if missing:
-        raise ValueError(
+        raise ModelFolderError(
             f"{folder} is not a guard model: it lacks {missing}; it looks like {_describe_folder(folder)}"
         )
     path = folder / CONFIG_FILE
     config = json.loads(path.read_text())
     if config.get("kind") != KIND:
-        raise ValueError(f"{path}: kind must be {KIND!r}, got {config.get('kind')!r}")
+        raise ModelFolderError(f"{path}: kind must be {KIND!r}, got {config.get('kind')!r}")
     if config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
+        raise ModelFolderError(
             f"{path}: format_version {config.get('format_version')!r} is not supported "
             f"(expected {FORMAT_VERSION})"
         )
     labels = config.get("labels")
     if not isinstance(labels, dict):
-        raise ValueError(f"{path}: 'labels' must map each head {list(HEAD_NAMES)} to its label list")
+        raise ModelFolderError(f"{path}: 'labels' must map each head {list(HEAD_NAMES)} to its label list")
     expected = {"rating": list(RATINGS), "query": list(QUERY_LABELS)}
     for head, names in expected.items():
         if labels.get(head) != names:
-            raise ValueError(f"{path}: labels.{head} must be {names}, got {labels.get(head)!r}")
+            raise ModelFolderError(f"{path}: labels.{head} must be {names}, got {labels.get(head)!r}")
     categories = labels.get("category")
     if not isinstance(categories, list):
-        raise ValueError(f"{path}: labels.category must be a list of category names, got {categories!r}")
+        raise ModelFolderError(
+            f"{path}: labels.category must be a list of category names, got {categories!r}"
+        )
     _check_categories(categories, f"{path}: labels.category")
     return config
 
@@ -201,9 +204,7 @@ class GuardModel(torch.nn.Module):
     ) -> GuardModel:
         """Fresh heads on the base model of the checkpoint at ``path`` (a guard's or score model's
         folder works too: its backbone is reused, its heads ignored)."""
-        backbone = AutoModel.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-        )
+        backbone = load_model(AutoModel, path, dtype=dtype, trust_remote_code=trust_remote_code)
         model = cls(backbone, categories=categories, base_model=str(path))
         model.prepare_training(freeze_vision_tower=freeze_vision_tower, freeze_projector=freeze_projector)
         return model
@@ -221,14 +222,12 @@ class GuardModel(torch.nn.Module):
         """A guard saved by :meth:`save`, heads and label maps included."""
         folder = Path(path)
         config = read_guard_config(folder)
-        backbone = AutoModel.from_pretrained(
-            folder, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-        )
+        backbone = load_model(AutoModel, folder, dtype=dtype, trust_remote_code=trust_remote_code)
         model = cls(
             backbone, categories=config["labels"]["category"], base_model=config.get("base_model", "")
         )
         if config.get("hidden_size") != model.hidden_size:
-            raise ValueError(
+            raise ModelFolderError(
                 f"{folder / CONFIG_FILE}: hidden_size {config.get('hidden_size')} does not match the "
                 f"backbone's {model.hidden_size}"
             )
@@ -243,10 +242,10 @@ class GuardModel(torch.nn.Module):
             for param, p in head.named_parameters()
         }
         if set(tensors) != set(expected):
-            raise ValueError(f"{source} must hold {sorted(expected)}, found {sorted(tensors)}")
+            raise ModelFolderError(f"{source} must hold {sorted(expected)}, found {sorted(tensors)}")
         for key, shape in expected.items():
             if tensors[key].shape != shape:
-                raise ValueError(
+                raise ModelFolderError(
                     f"{source}: {key} has shape {tuple(tensors[key].shape)}, "
                     f"the label map needs {tuple(shape)}"
                 )

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoProcessor, ProcessorMixin
+from transformers import ProcessorMixin
 
 from safe_rlhf_v.data.collate import encode_conversations, render_prompt
 from safe_rlhf_v.guardrail import AnswerVerdict, QueryVerdict
 from safe_rlhf_v.models.guard import GuardModel, query_severities, query_unsafe_probability
 from safe_rlhf_v.models.inference import best_device, inference_dtype, model_inputs
+from safe_rlhf_v.models.loading import load_processor
 
 
 class GuardJudge:
@@ -35,7 +36,7 @@ class GuardJudge:
         self.device = torch.device(device or best_device())
         self.dtype = dtype or inference_dtype(self.device)
         self.guard = GuardModel.load(Path(guard_dir), dtype=self.dtype).to(self.device).eval()
-        self.processor: ProcessorMixin = AutoProcessor.from_pretrained(str(guard_dir))
+        self.processor: ProcessorMixin = load_processor(guard_dir)
         self.batch_size = batch_size
         self.max_length = max_length
 

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
+from transformers import AutoModelForImageTextToText, ProcessorMixin
 
 from safe_rlhf_v.config import GenerationConfig
 from safe_rlhf_v.data.collate import render_prompt
 from safe_rlhf_v.models.family import family_of
 from safe_rlhf_v.models.inference import best_device, inference_dtype, model_inputs
+from safe_rlhf_v.models.loading import load_model, load_processor
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,9 @@ class Policy:
         self.settings = settings or GenerationSettings()
         self.device = torch.device(device or best_device())
         self.dtype = dtype or inference_dtype(self.device)
-        self.processor: ProcessorMixin = AutoProcessor.from_pretrained(
-            str(model_dir), trust_remote_code=trust_remote_code
-        )
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            str(model_dir), dtype=self.dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        self.processor: ProcessorMixin = load_processor(model_dir, trust_remote_code=trust_remote_code)
+        self.model = load_model(
+            AutoModelForImageTextToText, model_dir, dtype=self.dtype, trust_remote_code=trust_remote_code
         ).to(self.device)
         self.model.eval()
 

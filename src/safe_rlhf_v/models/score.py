@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, PreTrainedModel, ProcessorMixin
 
 from safe_rlhf_v.models.family import family_of
+from safe_rlhf_v.models.loading import ModelFolderError, ModelFolderMissing, load_model
 
 ScoreKind = Literal["reward", "cost", "critic"]
 SCORE_KINDS: Final[tuple[str, ...]] = get_args(ScoreKind)
@@ -136,25 +137,25 @@ def backbone_state(state_dict: Mapping[str, torch.Tensor] | None) -> dict[str, t
 def read_score_config(folder: Path) -> dict[str, Any]:
     """The ``score_config.json`` of a score model folder, with a clear error for anything else."""
     if not folder.is_dir():
-        raise FileNotFoundError(f"score model folder {folder} does not exist")
+        raise ModelFolderMissing(f"score model folder {folder} does not exist")
     missing = [name for name in (CONFIG_FILE, HEAD_FILE) if not (folder / name).is_file()]
     if missing:
         what = "an empty or unrelated folder"
         if (folder / "config.json").is_file():
             architectures = json.loads((folder / "config.json").read_text()).get("architectures")
             what = f"a plain Hugging Face checkpoint ({architectures})"
-        raise ValueError(
+        raise ModelFolderError(
             f"{folder} is not a score model: it lacks {missing}; it looks like {what}. "
             "Put a new head on it with ScoreModel.from_base"
         )
     config = json.loads((folder / CONFIG_FILE).read_text())
     if config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
+        raise ModelFolderError(
             f"{folder / CONFIG_FILE}: format_version {config.get('format_version')!r} is not supported "
             f"(expected {FORMAT_VERSION})"
         )
     if config.get("kind") not in SCORE_KINDS:
-        raise ValueError(
+        raise ModelFolderError(
             f"{folder / CONFIG_FILE}: kind must be one of {SCORE_KINDS}, got {config.get('kind')!r}"
         )
     return config
@@ -206,9 +207,7 @@ class ScoreModel(torch.nn.Module):
         ``path`` may also be a score model folder: its backbone is reused and its head ignored (use
         :meth:`load` to keep the head, e.g. for critics that start from the reward or cost model).
         """
-        backbone = AutoModel.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-        )
+        backbone = load_model(AutoModel, path, dtype=dtype, trust_remote_code=trust_remote_code)
         model = cls(backbone, kind, base_model=str(path))
         model.prepare_training(
             freeze_vision_tower=freeze_vision_tower,
@@ -233,18 +232,18 @@ class ScoreModel(torch.nn.Module):
         initialised from a reward model keeps the reward head's weights)."""
         folder = Path(path)
         config = read_score_config(folder)
-        backbone = AutoModel.from_pretrained(
-            folder, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-        )
+        backbone = load_model(AutoModel, folder, dtype=dtype, trust_remote_code=trust_remote_code)
         model = cls(backbone, kind or config["kind"], base_model=config.get("base_model", ""))
         if config.get("hidden_size") != model.hidden_size:
-            raise ValueError(
+            raise ModelFolderError(
                 f"{folder / CONFIG_FILE}: hidden_size {config.get('hidden_size')} does not match the "
                 f"backbone's {model.hidden_size}"
             )
         head = load_file(folder / HEAD_FILE)
         if set(head) != {"weight", "bias"}:
-            raise ValueError(f"{folder / HEAD_FILE} must hold 'weight' and 'bias', found {sorted(head)}")
+            raise ModelFolderError(
+                f"{folder / HEAD_FILE} must hold 'weight' and 'bias', found {sorted(head)}"
+            )
         with torch.no_grad(), writable_parameters(model.score_head):
             model.score_head.weight.copy_(head["weight"])
             model.score_head.bias.copy_(head["bias"])

@@ -67,6 +67,8 @@ from transformers import (
     Qwen2VLVisionConfig,
 )
 
+from safe_rlhf_v.errors import ArgumentError, OutputNotEmpty
+
 
 @dataclass(frozen=True)
 class SpecialTokens:
@@ -604,10 +606,10 @@ def build_tiny_vlm(
     build never leaves a directory that looks like a model. ``out_dir`` may exist only if empty.
     """
     if family not in FAMILIES:
-        raise ValueError(f"unknown tiny VLM family {family!r}; known families: {sorted(FAMILIES)}")
+        raise ArgumentError(f"unknown tiny VLM family {family!r}; known families: {sorted(FAMILIES)}")
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"tiny VLM output {out_dir} already exists and is not an empty directory")
+        raise OutputNotEmpty(f"tiny VLM output {out_dir} already exists and is not an empty directory")
 
     processor, config, generation_config = FAMILIES[family](corpus, spec)
     processor.tokenizer.model_max_length = spec.max_positions

@@ -34,7 +34,7 @@ import yaml
 from kfp_server_api.exceptions import ApiException
 
 from safe_rlhf_v import __version__
-from safe_rlhf_v.config import PipelineConfig
+from safe_rlhf_v.config import PipelineConfig, parse_yaml
 from safe_rlhf_v.errors import UserError
 
 HOST_ENV = "KFP_HOST"
@@ -77,7 +77,7 @@ def version_name_for(package: Path) -> str:
 def read_params(path: Path) -> dict[str, Any]:
     """Run parameters from a YAML mapping of parameter name to value."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise KfpOpsError(f"parameter file {path} does not exist") from None
     except yaml.YAMLError as error:

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
 from safe_rlhf_v.config import KubernetesConfig, ResourcesConfig
+from safe_rlhf_v.errors import UserError
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
@@ -71,6 +72,11 @@ _MPI_RUNTIME_VARS = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "PYTHONUNBUFFERED"
 _RFC1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
 _PATH_FLAGS = re.compile(r"^--(config|data|out|base-model|policy|reward-model|cost-model)$")
+
+
+class LaunchError(UserError, ValueError):
+    """A launch the config or the arguments make impossible (no namespace, a local path for a
+    TrainJob, a label Kubernetes refuses); the message names the setting."""
 
 
 class TrainJobFailed(RuntimeError):
@@ -151,7 +157,7 @@ def resolve_namespace(kube: KubernetesConfig, service_account_file: Path = SERVI
     except FileNotFoundError:
         namespace = ""
     if not namespace:
-        raise ValueError(
+        raise LaunchError(
             f"no namespace for the TrainJob: set kubernetes.namespace in the config "
             f"({service_account_file} is missing or empty, so this is not running in a pod)"
         )
@@ -179,7 +185,7 @@ def trainjob_labels(stage: str, run_id: str) -> dict[str, str]:
     }
     for key, value in labels.items():
         if len(value) > 63 or not _LABEL_VALUE.match(value):
-            raise ValueError(f"label {key}={value!r} is not a valid Kubernetes label value")
+            raise LaunchError(f"label {key}={value!r} is not a valid Kubernetes label value")
     return labels
 
 
@@ -202,7 +208,7 @@ def trainjob_manifest(
     the 64 MiB default) and GPU node selectors and tolerations apply, through `runtimePatches`.
     """
     if not _RFC1035.match(name) or len(name) > 63:
-        raise ValueError(f"TrainJob name {name!r} must be an RFC 1035 label of at most 63 characters")
+        raise LaunchError(f"TrainJob name {name!r} must be an RFC 1035 label of at most 63 characters")
     _reject_local_paths(stage_argv)
     env_entries = _trainjob_env(kube, config_json, env)
     command, args = _trainjob_entry(stage_argv, kube, [entry["name"] for entry in env_entries])
@@ -235,7 +241,7 @@ def _reject_local_paths(stage_argv: Sequence[str]) -> None:
     for flag, value in itertools.pairwise(stage_argv):
         if _PATH_FLAGS.match(flag) and value.startswith(("/", "./", "../", "file:")):
             hint = "pass the config as config_json" if flag == "--config" else "pass an s3:// URI"
-            raise ValueError(
+            raise LaunchError(
                 f"{flag} {value} is a local path of this pod, which the TrainJob's pods cannot read: {hint}"
             )
 
@@ -249,7 +255,7 @@ def _trainjob_env(
     secret_refs = secret_env_vars(kube)
     clash = sorted(set(plain) & set(secret_refs))
     if clash:
-        raise ValueError(f"{', '.join(clash)} must come from the Secret, not as plain env values")
+        raise LaunchError(f"{', '.join(clash)} must come from the Secret, not as plain env values")
     entries: list[dict[str, Any]] = [{"name": key, "value": value} for key, value in sorted(plain.items())]
     entries += [
         {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": secret_key}}}
@@ -462,7 +468,7 @@ def rank_argv(stage_argv: Sequence[str], environ: Mapping[str, str], config_dir:
     if CONFIG_ENV not in environ:
         return argv
     if "--config" in argv:
-        raise ValueError(f"both --config and {CONFIG_ENV} are set; the TrainJob passes the config once")
+        raise LaunchError(f"both --config and {CONFIG_ENV} are set; the TrainJob passes the config once")
     config = config_dir / "config.json"  # JSON is YAML: load_config reads it as is
     config.write_text(environ[CONFIG_ENV], encoding="utf-8")
     return [*argv, "--config", str(config)]
@@ -485,7 +491,7 @@ def mpirun_command(
             f"MPI hostfile {hostfile} is missing: is this the Trainer's launcher pod?"
         ) from None
     if not hosts:
-        raise ValueError(f"MPI hostfile {hostfile} lists no hosts")
+        raise LaunchError(f"MPI hostfile {hostfile} lists no hosts")
     forwarded = [name for name in (*exports, *_MPI_RUNTIME_VARS) if name in environ]
     forwarded += sorted(name for name in environ if name.startswith("NCCL_"))
     command = ["mpirun", "--bind-to", "none", "--map-by", "slot"]

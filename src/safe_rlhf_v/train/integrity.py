@@ -53,6 +53,10 @@ DEEPSPEED_RECORDS: tuple[type, ...] = (LossScaler, ZeroStageEnum, fragment_addre
 and the (start, numel) address of a parameter fragment. Plain data, safe to rebuild."""
 
 
+class CheckpointKeyError(UserError, ValueError):
+    """The checkpoint key (the environment variable or the key file) is unusable; names which."""
+
+
 class CheckpointRejected(UserError, ValueError):
     """A checkpoint folder that must not be loaded; the message says why."""
 
@@ -78,7 +82,7 @@ def checkpoint_key(work_dir: str | Path) -> bytes:
     value = os.environ.get(KEY_ENV)
     if value is not None:
         if len(value) < MIN_KEY_LENGTH:
-            raise ValueError(
+            raise CheckpointKeyError(
                 f"{KEY_ENV} holds {len(value)} characters; a checkpoint key needs at least {MIN_KEY_LENGTH} "
                 "(e.g. the output of `openssl rand -hex 32`)"
             )
@@ -90,17 +94,17 @@ def checkpoint_key(work_dir: str | Path) -> bytes:
         _create_key_file(path)
     info = os.lstat(path)
     if not stat.S_ISREG(info.st_mode):
-        raise ValueError(
+        raise CheckpointKeyError(
             f"checkpoint key {path} is not a regular file (a link?); remove it to create a new key"
         )
     if info.st_mode & 0o077:
-        raise ValueError(
+        raise CheckpointKeyError(
             f"checkpoint key {path} is accessible to other users (mode {stat.S_IMODE(info.st_mode):04o}); "
             f"chmod 600 {path}"
         )
     key = path.read_bytes().strip()
     if len(key) < MIN_KEY_LENGTH:
-        raise ValueError(f"checkpoint key {path} holds {len(key)} bytes, fewer than {MIN_KEY_LENGTH}")
+        raise CheckpointKeyError(f"checkpoint key {path} holds {len(key)} bytes, fewer than {MIN_KEY_LENGTH}")
     return key
 
 

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from safe_rlhf_v.config import TrainConfig
+from safe_rlhf_v.config import ConfigError, TrainConfig
 from safe_rlhf_v.train.checkpoint import Checkpointer, engine_fingerprint
 from safe_rlhf_v.train.distributed import (
     DistInfo,
@@ -76,7 +76,7 @@ class BatchStream:
         self.batch_size = batch_size
         self.per_epoch = len(self.sampler) // batch_size
         if self.per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{rows} {what} give no full batch of {batch_size} per process on {dist.world_size} "
                 "process(es); lower the batch size or add data"
             )
@@ -123,7 +123,7 @@ def total_optimizer_steps(cfg: TrainConfig, micro_batches_per_epoch: int) -> int
     """
     steps = cfg.epochs * micro_batches_per_epoch // cfg.gradient_accumulation_steps
     if steps < 1:
-        raise ValueError(
+        raise ConfigError(
             f"{micro_batches_per_epoch} micro-batches per epoch × {cfg.epochs} epochs is fewer than "
             f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}: no optimizer step would happen; "
             "lower gradient_accumulation_steps or per_device_batch_size, or add data"

@@ -35,12 +35,13 @@ from typing import Any
 import datasets
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
+from transformers import AutoModelForImageTextToText, ProcessorMixin
 
-from safe_rlhf_v.config import PPOStageConfig
+from safe_rlhf_v.config import ConfigError, PPOStageConfig
 from safe_rlhf_v.data.collate import SupervisedCollator
 from safe_rlhf_v.data.ground_truth import TruthVerdict, judge
 from safe_rlhf_v.evaluate.metrics import win_rate
+from safe_rlhf_v.models.loading import ModelFolderError, load_model, load_processor
 from safe_rlhf_v.models.score import ScoreModel
 from safe_rlhf_v.records import Variant
 from safe_rlhf_v.train.checkpoint import Checkpointer, engine_fingerprint
@@ -123,18 +124,15 @@ class Roles:
     """The six models, wrapped for training (Engine) or inference (frozen DeepSpeed engines)."""
 
     def __init__(self, models: PPOModels, cfg: PPOStageConfig, variant: Variant, total_steps: int) -> None:
-        self.processor: ProcessorMixin = AutoProcessor.from_pretrained(models.actor)
-        tokenizers = {name: AutoProcessor.from_pretrained(path).tokenizer for name, path in
-                      (("reward", models.reward), ("cost", models.cost))}  # fmt: skip
-        for name, tokenizer in tokenizers.items():
-            if tokenizer.get_vocab() != self.processor.tokenizer.get_vocab():
-                raise ValueError(
-                    f"the {name} model's tokenizer differs from the actor's; rollouts are scored token for "
-                    "token, so train the reward and cost models on the actor's base model"
+        self.processor: ProcessorMixin = load_processor(models.actor)
+        for name, path in (("reward", models.reward), ("cost", models.cost)):
+            if load_processor(path).tokenizer.get_vocab() != self.processor.tokenizer.get_vocab():
+                raise ModelFolderError(
+                    f"the {name} model {path} has another tokenizer than the policy {models.actor}; "
+                    "rollouts are scored token for token, so train the reward and cost models on the "
+                    "policy's base model"
                 )
-        actor = build_for_training(
-            cfg.actor, lambda: AutoModelForImageTextToText.from_pretrained(models.actor, use_safetensors=True)
-        )
+        actor = build_for_training(cfg.actor, lambda: load_model(AutoModelForImageTextToText, models.actor))
         if cfg.actor_lora is not None:
             lora = cfg.actor_lora
             actor = get_peft_model(
@@ -148,7 +146,7 @@ class Roles:
             )
         self.actor = Engine(actor, cfg.actor, total_steps=total_steps, name="actor")
         self.reference = frozen_engine(
-            AutoModelForImageTextToText.from_pretrained(models.actor, use_safetensors=True),
+            load_model(AutoModelForImageTextToText, models.actor),
             zero_stage=cfg.frozen_zero_stage,
             precision=cfg.actor.precision,
         )
@@ -312,7 +310,7 @@ class PPOLagrangianTrainer:
         cfg, mask = self.cfg, rollout.response_mask
         scored = rollout.has_critic_values
         if not scored and (cfg.update_iters != 1 or rollout.size > cfg.actor.per_device_batch_size):
-            raise ValueError(
+            raise ConfigError(
                 f"a rollout of {rollout.size} rows without the critics' values needs update_iters=1 and "
                 f"one micro-batch (actor.per_device_batch_size >= {rollout.size}); got "
                 f"update_iters={cfg.update_iters}, per_device_batch_size={cfg.actor.per_device_batch_size}"

@@ -14,10 +14,10 @@ from typing import Any, Protocol
 
 import datasets
 import torch
-from transformers import AutoProcessor, ProcessorMixin
 
 from safe_rlhf_v.config import TrainConfig
 from safe_rlhf_v.data.collate import PreferenceBatch, PreferenceCollator
+from safe_rlhf_v.models.loading import load_processor
 from safe_rlhf_v.models.score import ScoreKind, ScoreModel
 from safe_rlhf_v.train.batches import PADDING, eval_shards, gather_rows, on_device
 from safe_rlhf_v.train.distributed import Engine
@@ -170,9 +170,7 @@ def train_preference_model(
     Resumes from the newest sealed checkpoint under `checkpoint_dir` (see `loop.fit`). Every rank
     calls this; `sink(metrics, step)` is called on rank 0 only.
     """
-    processor: ProcessorMixin = AutoProcessor.from_pretrained(
-        settings.base_model, trust_remote_code=settings.trust_remote_code
-    )
+    processor = load_processor(settings.base_model, trust_remote_code=settings.trust_remote_code)
     collator = PreferenceCollator(
         processor, settings.max_length, min_response_tokens=settings.min_response_tokens
     )

@@ -26,12 +26,14 @@ from typing import Any
 
 import datasets
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+from transformers import AutoModelForImageTextToText, PreTrainedModel
 
 from safe_rlhf_v.config import TrainConfig
 from safe_rlhf_v.data.collate import IGNORE_INDEX, SupervisedCollator
 from safe_rlhf_v.data.sources import load_split, to_flat
 from safe_rlhf_v.data.synthetic import corpus
+from safe_rlhf_v.errors import ArgumentError, OutputNotEmpty
+from safe_rlhf_v.models.loading import load_model, load_processor
 from safe_rlhf_v.models.tiny import build_tiny_vlm
 from safe_rlhf_v.train.batches import PADDING, eval_shards, on_device
 from safe_rlhf_v.train.distributed import Engine, all_reduce_mean, get_logger
@@ -68,16 +70,16 @@ def examples_from_pairs(dataset: datasets.Dataset) -> datasets.Dataset:
 def _check_columns(dataset: datasets.Dataset, name: str) -> None:
     missing = [column for column in SFT_COLUMNS if column not in dataset.column_names]
     if missing:
-        raise ValueError(
+        raise ArgumentError(
             f"{name} data set misses column(s) {missing} (has {dataset.column_names}); "
             "turn paired BeaverTails-V rows into SFT rows with examples_from_pairs"
         )
     if len(dataset) == 0:
-        raise ValueError(f"{name} data set is empty")
+        raise ArgumentError(f"{name} data set is empty")
 
 
 def _load_policy(model_dir: str) -> PreTrainedModel:
-    return AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+    return load_model(AutoModelForImageTextToText, model_dir, dtype=torch.float32)
 
 
 def _forward_loss(engine: Engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -161,7 +163,7 @@ def supervised_finetune(
     """
     _check_columns(train, "train")
     _check_columns(evaluation, "evaluation")
-    processor: ProcessorMixin = AutoProcessor.from_pretrained(model_dir)
+    processor = load_processor(model_dir)
 
     def save(model: PreTrainedModel, weights: dict[str, torch.Tensor]) -> None:
         model.save_pretrained(out_dir, state_dict=weights)
@@ -207,7 +209,7 @@ def build_demo_policy(
     """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"demo model output {out} already exists and is not an empty directory")
+        raise OutputNotEmpty(f"demo model output {out} already exists and is not an empty directory")
     train = load_split(data, "train")
     evaluation = load_split(data, "evaluation")
     out.parent.mkdir(parents=True, exist_ok=True)
