@@ -212,6 +212,120 @@ def test_reregistering_a_changed_folder_is_refused(cfg: PipelineConfig, tmp_path
         registry.register_run_models(cfg, **uris, pipeline_run_id="run-1")
 
 
+def version_counts(cfg: PipelineConfig) -> dict[str, int]:
+    """How many versions each of the four registered models has."""
+    names = [getattr(cfg.registry, f"{role}_name") for role in ("policy", "reward", "cost", "guard")]
+    return {name: len(client(cfg).search_model_versions(f"name = '{name}'")) for name in names}
+
+
+def register_args(uris: dict[str, str], tmp_path: Path) -> list[str]:
+    """`safe-rlhf-v register` arguments for one pipeline run's outputs, with the test config."""
+    args = ["register", "--policy", uris["policy_uri"], "--reward", uris["reward_uri"]]
+    args += ["--cost", uris["cost_uri"], "--guard", uris["guard_uri"], "--evaluation", uris["evaluation_uri"]]
+    return [*args, "--config", config_file(tmp_path)]
+
+
+def test_registering_under_another_pipeline_run_is_refused(
+    cfg: PipelineConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    uris = pipeline_outputs(cfg, tmp_path / "run", "run-1")
+    registry.register_run_models(cfg, **uris, pipeline_run_id="run-1")
+    before = version_counts(cfg)
+
+    assert main([*register_args(uris, tmp_path), "--pipeline-run-id", "other"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    [line] = captured.err.strip().splitlines()
+    assert "pipeline run id 'other' contradicts" in line
+    assert f"{uris['policy_uri']}/lineage.json" in line
+    assert "trained in pipeline run 'run-1'" in line
+    assert version_counts(cfg) == before == dict.fromkeys(before, 1)
+    assert client(cfg).get_registered_model(cfg.registry.policy_name).aliases == {"candidate": 1}
+    # Refused before the stage opened an MLflow run: nothing is logged under the wrong pipeline run.
+    experiment = client(cfg).get_experiment_by_name("registry-test").experiment_id
+    runs = {
+        run_id: client(cfg).search_runs([experiment], f"tags.`{tracking.PIPELINE_RUN_TAG}` = '{run_id}'")
+        for run_id in ("run-1", "other")
+    }
+    assert runs["run-1"] and not runs["other"]
+
+
+def test_identical_bytes_elsewhere_get_their_existing_version(
+    cfg: PipelineConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    uris = pipeline_outputs(cfg, tmp_path / "run", "run-1")
+    first = registry.register_run_models(cfg, **uris, pipeline_run_id="run-1")
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")  # e.g. published to durable storage
+    copied = {key: uri.replace(str(tmp_path / "run"), str(tmp_path / "copy")) for key, uri in uris.items()}
+
+    again = registry.register_run_models(cfg, **copied, pipeline_run_id="run-1")
+    for role, ref in again.items():
+        assert (ref.version, ref.created, ref.registered_in) == (first[role].version, False, "run-1")
+        assert ref.source == first[role].source == str(Path(uris[f"{role}_uri"]).resolve())
+    assert version_counts(cfg) == dict.fromkeys(version_counts(cfg), 1)
+    # The alias stays where it is, and the CLI says each version existed.
+    assert main(register_args(copied, tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert out.count("existing (registered in run-1)") == 4
+    assert f"alias 'candidate' -> models:/{cfg.registry.policy_name}/1" in out
+
+
+def test_a_reused_upstream_model_keeps_its_version(cfg: PipelineConfig, tmp_path: Path) -> None:
+    first = registry.register_run_models(
+        cfg, **pipeline_outputs(cfg, tmp_path / "run1", "run-1"), pipeline_run_id="run-1"
+    )
+    # Run 2 trains a new policy against the reward model run 1 trained (same folder bytes, copied).
+    second = pipeline_outputs(cfg, tmp_path / "run2", "run-2")
+    shutil.rmtree(second["reward_uri"])
+    shutil.copytree(tmp_path / "run1" / "reward", second["reward_uri"])
+    shutil.rmtree(second["policy_uri"])
+    trained_model(
+        cfg,
+        Path(second["policy_uri"]),
+        "policy",
+        "run-2",
+        variant="safe-rlhf-v",
+        reward_model_sha256=storage.sha256_uri(second["reward_uri"]),
+        cost_model_sha256=storage.sha256_uri(second["cost_uri"]),
+    )
+    refs = registry.register_run_models(cfg, **second, pipeline_run_id="run-2")
+    assert (refs["reward"].version, refs["reward"].created) == (first["reward"].version, False)
+    assert refs["reward"].registered_in == "run-1"
+    assert [(refs[role].version, refs[role].created) for role in ("cost", "guard", "policy")] == [
+        ("2", True),
+        ("2", True),
+        ("2", True),
+    ]
+    policy = client(cfg).get_model_version(cfg.registry.policy_name, "2")
+    assert policy.tags["reward_model_version"] == f"models:/{cfg.registry.reward_name}/1"
+    assert refs["policy"].alias == "candidate"
+
+
+def test_reregistering_an_older_run_leaves_candidate_on_the_newer(
+    cfg: PipelineConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    uris = pipeline_outputs(cfg, tmp_path / "run1", "run-1")
+    registry.register_run_models(cfg, **uris, pipeline_run_id="run-1")
+    registered_policy(cfg, tmp_path / "run2", "run-2")
+    again = registry.register_run_models(cfg, **uris, pipeline_run_id="run-1")
+    assert (again["policy"].version, again["policy"].created, again["policy"].alias) == ("1", False, None)
+    assert client(cfg).get_registered_model(cfg.registry.policy_name).aliases == {"candidate": 2}
+    assert main(register_args(uris, tmp_path)) == 0
+    assert (
+        f"alias 'candidate' not moved: these policy bytes are already models:/{cfg.registry.policy_name}/1, "
+        "registered in pipeline run run-1"
+    ) in capsys.readouterr().out
+
+
+def test_a_retry_sets_the_alias_the_first_attempt_did_not_reach(cfg: PipelineConfig, tmp_path: Path) -> None:
+    uris = pipeline_outputs(cfg, tmp_path / "run", "run-1")
+    registry.register_run_models(cfg, **uris, pipeline_run_id="run-1")
+    client(cfg).delete_registered_model_alias(cfg.registry.policy_name, "candidate")  # died before it
+    retry = registry.register_run_models(cfg, **uris, pipeline_run_id="run-1")
+    assert (retry["policy"].created, retry["policy"].alias) == (False, "candidate")
+    assert client(cfg).get_registered_model(cfg.registry.policy_name).aliases == {"candidate": 1}
+
+
 def _drop_lineage(uris: dict[str, str]) -> None:
     (Path(uris["policy_uri"]) / "lineage.json").unlink()
 
@@ -229,6 +343,13 @@ def _ablation_policy(uris: dict[str, str]) -> None:
     path.write_text(json.dumps(json.loads(path.read_text()) | {"variant": "reward-only"}))
 
 
+def _evaluation_of_another_run(uris: dict[str, str]) -> None:
+    path = Path(uris["evaluation_uri"]) / RESULT_FILE
+    path.write_text(
+        StageResult("evaluate", "succeeded", metrics=figures(), pipeline_run_id="run-2").to_json()
+    )
+
+
 def _incomplete_evaluation(uris: dict[str, str]) -> None:
     path = Path(uris["evaluation_uri"]) / RESULT_FILE
     metrics = figures()
@@ -244,6 +365,10 @@ def _incomplete_evaluation(uris: dict[str, str]) -> None:
         (_other_reward, r"trained against a reward model with sha256 [0-9a-f]{64}, but .*/reward has sha256"),
         (_ablation_policy, r"the policy is the 'reward-only' ablation"),
         (_incomplete_evaluation, r"result.json lacks the metrics evaluation/win_rate/harmlessness"),
+        (
+            _evaluation_of_another_run,
+            r"evaluation at .*/evaluation belongs to pipeline run 'run-2', not to 'run-1', which trained",
+        ),
     ],
 )
 def test_bad_inputs_are_refused_before_anything_is_registered(
