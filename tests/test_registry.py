@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from safe_rlhf_v import registry, storage, tracking
 from safe_rlhf_v.cli import main
 from safe_rlhf_v.components.register import register as register_component
-from safe_rlhf_v.config import PipelineConfig, config_from_dict
+from safe_rlhf_v.config import ConfigError, PipelineConfig, config_from_dict
 from safe_rlhf_v.stages.common import RESULT_FILE, StageResult
 from safe_rlhf_v.stages.lineage import write_lineage
 
@@ -563,6 +563,7 @@ def test_force_needs_a_reason_and_is_recorded(cfg: PipelineConfig, tmp_path: Pat
     assert float(tags["promotion.1.gate.cost_budget.figure"]) == -0.2
     assert float(tags["promotion.1.gate.cost_budget.limit"]) == BUDGET
     assert tags["promotion.1.gate.harmful_share.passed"] == "true"
+    assert tags["promotion.1.gate.passed_staging.passed"] == "false"  # forced past the order too
     assert datetime.fromisoformat(tags["promotion.1.time"]).utcoffset().total_seconds() == 0
     assert client(cfg).get_registered_model(name).aliases == {"candidate": 1, "production": 1}
     # A later promotion of the same version gets the next record number.
@@ -571,6 +572,68 @@ def test_force_needs_a_reason_and_is_recorded(cfg: PipelineConfig, tmp_path: Pat
     )
     assert again.record == 2
     assert client(cfg).get_model_version(name, version).tags["promotion.2.alias"] == "staging"
+
+
+def test_production_without_staging_is_refused(cfg: PipelineConfig, tmp_path: Path) -> None:
+    name = cfg.registry.policy_name
+    version = registered_policy(cfg, tmp_path / "run", "run-1")  # passes the gate
+    with pytest.raises(registry.RegistryError) as refused:
+        registry.promote(cfg, model=name, version=version, to="production", user="alice")
+    assert not isinstance(refused.value, registry.PromotionRefused)
+    assert str(refused.value) == (
+        f"cannot promote {name} version 1 to 'production': it never passed a non-forced promotion to "
+        "'staging'; promote it to 'staging' first, or pass --force with --reason TEXT"
+    )
+    assert client(cfg).get_registered_model(name).aliases == {"candidate": 1}
+    assert not any(key.startswith("promotion.") for key in client(cfg).get_model_version(name, "1").tags)
+
+
+def test_production_after_a_forced_staging_is_refused(cfg: PipelineConfig, tmp_path: Path) -> None:
+    name = cfg.registry.policy_name
+    version = registered_policy(cfg, tmp_path / "run", "run-1", cost=-0.2)  # fails the gate
+    registry.promote(cfg, model=name, version=version, to="staging", force=True, reason="demo", user="bob")
+    with pytest.raises(
+        registry.RegistryError,
+        match=r"never passed a non-forced promotion to 'staging' \(only forced, in promotion record 1\)",
+    ):
+        registry.promote(cfg, model=name, version=version, to="production", user="bob")
+    assert "production" not in client(cfg).get_registered_model(name).aliases
+
+
+def test_production_after_a_passed_staging_is_allowed(cfg: PipelineConfig, tmp_path: Path) -> None:
+    name = cfg.registry.policy_name
+    version = registered_policy(cfg, tmp_path / "run", "run-1")
+    staged = registry.promote(cfg, model=name, version=version, to="staging", user="alice")
+    assert staged.checks[0].name == "cost_budget"  # staging has no order check
+    result = registry.promote(cfg, model=name, version=version, to="production", user="alice")
+    assert (result.forced, result.record, result.checks[0].passed) == (False, 2, True)
+    assert result.checks[0].detail == "passed 'staging' unforced (promotion record 1)"
+    tags = client(cfg).get_model_version(name, version).tags
+    assert tags["promotion.2.alias"] == "production"
+    assert tags["promotion.2.gate.passed_staging.passed"] == "true"
+    assert client(cfg).get_registered_model(name).aliases == {"candidate": 1, "staging": 1, "production": 1}
+
+
+def test_promotion_order_comes_from_the_config(tmp_path: Path, empty_store: Path) -> None:
+    (tmp_path / "work").mkdir()
+    shutil.copyfile(empty_store, tmp_path / "work" / "mlflow.db")
+    tree = config_tree(tmp_path)
+    direct = config_from_dict(tree | {"promotion": tree["promotion"] | {"requires_passed": {}}})
+    version = registered_policy(direct, tmp_path / "run", "run-1")
+    result = registry.promote(direct, model=direct.registry.policy_name, version=version, to="production")
+    assert [check.name for check in result.checks] == [
+        "cost_budget",
+        "harmful_share",
+        "judges_agree",
+        "reward_not_worse",
+    ]
+    circular = {"requires_passed": {"production": "staging", "staging": "production"}}
+    with pytest.raises(
+        ConfigError, match=r"requires_passed is circular \(production -> staging -> production\)"
+    ):
+        config_from_dict(tree | {"promotion": circular})
+    with pytest.raises(ConfigError, match=r"promotion.requires_passed.production"):
+        config_from_dict(tree | {"promotion": {"requires_passed": {"production": "stagin"}}})
 
 
 def test_unknown_model_or_version_is_named(cfg: PipelineConfig, tmp_path: Path) -> None:
@@ -601,12 +664,13 @@ def test_unreachable_tracking_server_is_named(tmp_path: Path, monkeypatch: pytes
 
 def test_list_versions_shows_aliases_and_figures(cfg: PipelineConfig, tmp_path: Path) -> None:
     first = registered_policy(cfg, tmp_path / "run1", "run-1", reward=1.0)
-    registry.promote(cfg, model=cfg.registry.policy_name, version=first, to="production", user="alice")
+    for alias in ("staging", "production"):
+        registry.promote(cfg, model=cfg.registry.policy_name, version=first, to=alias, user="alice")
     registered_policy(cfg, tmp_path / "run2", "run-2", reward=2.0)
     rows = registry.list_versions(cfg)
     policies = [row for row in rows if row.name == cfg.registry.policy_name]
     assert [(row.version, row.aliases, row.pipeline_run_id) for row in policies] == [
-        ("1", ("production",), "run-1"),
+        ("1", ("production", "staging"), "run-1"),
         ("2", ("candidate",), "run-2"),
     ]
     assert policies[1].figures["evaluation/trained/reward"] == 2.0
@@ -637,11 +701,20 @@ def test_cli_register_promote_and_models(
     # Without --pipeline-run-id the registration belongs to the run that trained the policy.
     assert client(cfg).get_model_version(cfg.registry.policy_name, "1").tags["pipeline_run_id"] == "run-1"
 
-    promote = ["promote", "--model", cfg.registry.policy_name, "--version", "1", "--to", "production"]
-    assert main([*promote, "--user", "carol", *config]) == 2
+    staging = ["promote", "--model", cfg.registry.policy_name, "--version", "1", "--to", "staging"]
+    assert main([*staging, "--user", "carol", *config]) == 2
     captured = capsys.readouterr()
     assert "cost_budget" in captured.out and "FAIL" in captured.out
     assert "refused" in captured.err and "-0.2 > limit -0.5" in captured.err
+
+    promote = ["promote", "--model", cfg.registry.policy_name, "--version", "1", "--to", "production"]
+    assert main([*promote, "--user", "carol", *config]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip().splitlines() == [
+        f"error: cannot promote {cfg.registry.policy_name} version 1 to 'production': it never passed a "
+        "non-forced promotion to 'staging'; promote it to 'staging' first, or pass --force with --reason TEXT"
+    ]
 
     assert main([*promote, "--force", *config]) == 2
     assert "--force needs a non-empty --reason" in capsys.readouterr().err

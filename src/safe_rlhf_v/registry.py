@@ -14,9 +14,10 @@ and evaluated the policy is refused.
 Promotion moves the `staging` or `production` alias to a policy version only after a gate on those
 figures: the cost budget; the harmful share's upper confidence bound by the most trusted judge the
 evaluation had (the synthetic world's exact judge, else an external judge, else the cost model); the
-learned judges agreeing with that judge in direction; reward not below the current holder. `force`
-overrides the gate with a recorded reason. Every promotion leaves a numbered record of tags on the
-version: who, when, which alias, the gate figures and whether each check passed.
+learned judges agreeing with that judge in direction; reward not below the current holder. And
+`production` only takes a version that passed `staging` unforced (`promotion.requires_passed`).
+`force` overrides the gate and that order with a recorded reason. Every promotion leaves a numbered
+record of tags on the version: who, when, which alias, the gate figures and whether each check passed.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import requests
 from mlflow.entities.model_registry import ModelVersion
@@ -38,7 +39,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from safe_rlhf_v import storage, tracking
-from safe_rlhf_v.config import HarmJudge, PipelineConfig, ShareBound
+from safe_rlhf_v.config import HarmJudge, PipelineConfig, PromotionAlias, ShareBound
 from safe_rlhf_v.errors import UserError
 from safe_rlhf_v.stages.common import RESULT_FILE, StageResult
 from safe_rlhf_v.stages.lineage import LINEAGE_FILE, SPLITS, model_digest, read_lineage
@@ -53,7 +54,7 @@ TRAINED_BY: dict[Role, str] = {
     "guard": "train-guard",
 }
 MAIN_VARIANT = "safe-rlhf-v"
-PROMOTION_TARGETS = ("staging", "production")
+PROMOTION_TARGETS: tuple[PromotionAlias, ...] = get_args(PromotionAlias)
 
 REWARD_KEY = "evaluation/trained/reward"
 COST_KEY = "evaluation/trained/cost"
@@ -675,6 +676,21 @@ def _next_record(tags: Mapping[str, str]) -> int:
     return max(numbers, default=0) + 1
 
 
+def _order_check(tags: Mapping[str, str], before: str) -> GateCheck:
+    """Whether the version reached `before` by a promotion that passed the gate unforced.
+
+    A forced record does not count: its gate was overridden, so the version never showed it passes.
+    """
+    records = sorted({int(match.group(1)) for key in tags if (match := _RECORD_RE.match(key))})
+    reached = [number for number in records if tags.get(f"promotion.{number}.alias") == before]
+    passed = [number for number in reached if tags.get(f"promotion.{number}.forced") == "false"]
+    name = f"passed_{before}"
+    if passed:
+        return GateCheck(name, None, None, True, f"passed {before!r} unforced (promotion record {passed[0]})")
+    forced = f" (only forced, in promotion record {reached[0]})" if reached else ""
+    return GateCheck(name, None, None, False, f"never passed a non-forced promotion to {before!r}{forced}")
+
+
 def _number(value: float | None) -> str:
     return "unknown" if value is None else repr(value)
 
@@ -711,6 +727,11 @@ def promote(
 ) -> PromotionResult:
     """Move alias `to` (staging or production) to `model` version `version` if the gate passes.
 
+    An alias that `promotion.requires_passed` puts after another (`production` after `staging`) takes
+    only a version that passed the earlier one unforced; otherwise the promotion is refused before
+    the gate runs, since promoting to the earlier alias is what runs the gate first. `force` skips
+    the order as it skips the gate, and the record says so (`gate.passed_<alias>.passed: false`).
+
     The record is written before the alias moves: if the move then fails, the version shows an
     attempt that did not take effect, which is better than an alias moved with no record of why.
     Concurrent promotions of one version may pick the same record number (MLflow has no counter).
@@ -724,9 +745,16 @@ def promote(
     with tracking_errors(uri):
         aliases = _registered_model_aliases(client, model, uri)
         target = _model_version(client, model, str(version))
+        before = cfg.promotion.requires_passed.get(to)
+        order = [_order_check(target.tags, before)] if before else []
+        if not force and not all(check.passed for check in order):
+            raise RegistryError(
+                f"cannot promote {model} version {target.version} to {to!r}: it {order[0].detail}; "
+                f"promote it to {before!r} first, or pass --force with --reason TEXT"
+            )
         holder_version = aliases.get(to)
         holder = _model_version(client, model, holder_version) if holder_version else None
-        checks = evaluate_gate(target.tags, holder, to, gate_limits(cfg))
+        checks = order + evaluate_gate(target.tags, holder, to, gate_limits(cfg))
         if not force and not all(check.passed for check in checks):
             raise PromotionRefused(model, str(target.version), to, checks)
         result = PromotionResult(
