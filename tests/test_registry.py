@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from safe_rlhf_v import registry, storage, tracking
 from safe_rlhf_v.cli import main
 from safe_rlhf_v.components.register import register as register_component
-from safe_rlhf_v.config import PipelineConfig, config_from_dict
+from safe_rlhf_v.config import ConfigError, PipelineConfig, config_from_dict
 from safe_rlhf_v.lineage import write_lineage
 from safe_rlhf_v.records import RESULT_FILE, Lineage, StageResult
 
@@ -212,6 +212,120 @@ def test_reregistering_a_changed_folder_is_refused(cfg: PipelineConfig, tmp_path
         registry.register_run_models(cfg, **uris, pipeline_run_id="run-1")
 
 
+def version_counts(cfg: PipelineConfig) -> dict[str, int]:
+    """How many versions each of the four registered models has."""
+    names = [getattr(cfg.registry, f"{role}_name") for role in ("policy", "reward", "cost", "guard")]
+    return {name: len(client(cfg).search_model_versions(f"name = '{name}'")) for name in names}
+
+
+def register_args(uris: dict[str, str], tmp_path: Path) -> list[str]:
+    """`safe-rlhf-v register` arguments for one pipeline run's outputs, with the test config."""
+    args = ["register", "--policy", uris["policy_uri"], "--reward", uris["reward_uri"]]
+    args += ["--cost", uris["cost_uri"], "--guard", uris["guard_uri"], "--evaluation", uris["evaluation_uri"]]
+    return [*args, "--config", config_file(tmp_path)]
+
+
+def test_registering_under_another_pipeline_run_is_refused(
+    cfg: PipelineConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    uris = pipeline_outputs(cfg, tmp_path / "run", "run-1")
+    registry.register_run_models(cfg, **uris, pipeline_run_id="run-1")
+    before = version_counts(cfg)
+
+    assert main([*register_args(uris, tmp_path), "--pipeline-run-id", "other"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    [line] = captured.err.strip().splitlines()
+    assert "pipeline run id 'other' contradicts" in line
+    assert f"{uris['policy_uri']}/lineage.json" in line
+    assert "trained in pipeline run 'run-1'" in line
+    assert version_counts(cfg) == before == dict.fromkeys(before, 1)
+    assert client(cfg).get_registered_model(cfg.registry.policy_name).aliases == {"candidate": 1}
+    # Refused before the stage opened an MLflow run: nothing is logged under the wrong pipeline run.
+    experiment = client(cfg).get_experiment_by_name("registry-test").experiment_id
+    runs = {
+        run_id: client(cfg).search_runs([experiment], f"tags.`{tracking.PIPELINE_RUN_TAG}` = '{run_id}'")
+        for run_id in ("run-1", "other")
+    }
+    assert runs["run-1"] and not runs["other"]
+
+
+def test_identical_bytes_elsewhere_get_their_existing_version(
+    cfg: PipelineConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    uris = pipeline_outputs(cfg, tmp_path / "run", "run-1")
+    first = registry.register_run_models(cfg, **uris, pipeline_run_id="run-1")
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")  # e.g. published to durable storage
+    copied = {key: uri.replace(str(tmp_path / "run"), str(tmp_path / "copy")) for key, uri in uris.items()}
+
+    again = registry.register_run_models(cfg, **copied, pipeline_run_id="run-1")
+    for role, ref in again.items():
+        assert (ref.version, ref.created, ref.registered_in) == (first[role].version, False, "run-1")
+        assert ref.source == first[role].source == str(Path(uris[f"{role}_uri"]).resolve())
+    assert version_counts(cfg) == dict.fromkeys(version_counts(cfg), 1)
+    # The alias stays where it is, and the CLI says each version existed.
+    assert main(register_args(copied, tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert out.count("existing (registered in run-1)") == 4
+    assert f"alias 'candidate' -> models:/{cfg.registry.policy_name}/1" in out
+
+
+def test_a_reused_upstream_model_keeps_its_version(cfg: PipelineConfig, tmp_path: Path) -> None:
+    first = registry.register_run_models(
+        cfg, **pipeline_outputs(cfg, tmp_path / "run1", "run-1"), pipeline_run_id="run-1"
+    )
+    # Run 2 trains a new policy against the reward model run 1 trained (same folder bytes, copied).
+    second = pipeline_outputs(cfg, tmp_path / "run2", "run-2")
+    shutil.rmtree(second["reward_uri"])
+    shutil.copytree(tmp_path / "run1" / "reward", second["reward_uri"])
+    shutil.rmtree(second["policy_uri"])
+    trained_model(
+        cfg,
+        Path(second["policy_uri"]),
+        "policy",
+        "run-2",
+        variant="safe-rlhf-v",
+        reward_model_sha256=storage.sha256_uri(second["reward_uri"]),
+        cost_model_sha256=storage.sha256_uri(second["cost_uri"]),
+    )
+    refs = registry.register_run_models(cfg, **second, pipeline_run_id="run-2")
+    assert (refs["reward"].version, refs["reward"].created) == (first["reward"].version, False)
+    assert refs["reward"].registered_in == "run-1"
+    assert [(refs[role].version, refs[role].created) for role in ("cost", "guard", "policy")] == [
+        ("2", True),
+        ("2", True),
+        ("2", True),
+    ]
+    policy = client(cfg).get_model_version(cfg.registry.policy_name, "2")
+    assert policy.tags["reward_model_version"] == f"models:/{cfg.registry.reward_name}/1"
+    assert refs["policy"].alias == "candidate"
+
+
+def test_reregistering_an_older_run_leaves_candidate_on_the_newer(
+    cfg: PipelineConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    uris = pipeline_outputs(cfg, tmp_path / "run1", "run-1")
+    registry.register_run_models(cfg, **uris, pipeline_run_id="run-1")
+    registered_policy(cfg, tmp_path / "run2", "run-2")
+    again = registry.register_run_models(cfg, **uris, pipeline_run_id="run-1")
+    assert (again["policy"].version, again["policy"].created, again["policy"].alias) == ("1", False, None)
+    assert client(cfg).get_registered_model(cfg.registry.policy_name).aliases == {"candidate": 2}
+    assert main(register_args(uris, tmp_path)) == 0
+    assert (
+        f"alias 'candidate' not moved: these policy bytes are already models:/{cfg.registry.policy_name}/1, "
+        "registered in pipeline run run-1"
+    ) in capsys.readouterr().out
+
+
+def test_a_retry_sets_the_alias_the_first_attempt_did_not_reach(cfg: PipelineConfig, tmp_path: Path) -> None:
+    uris = pipeline_outputs(cfg, tmp_path / "run", "run-1")
+    registry.register_run_models(cfg, **uris, pipeline_run_id="run-1")
+    client(cfg).delete_registered_model_alias(cfg.registry.policy_name, "candidate")  # died before it
+    retry = registry.register_run_models(cfg, **uris, pipeline_run_id="run-1")
+    assert (retry["policy"].created, retry["policy"].alias) == (False, "candidate")
+    assert client(cfg).get_registered_model(cfg.registry.policy_name).aliases == {"candidate": 1}
+
+
 def _drop_lineage(uris: dict[str, str]) -> None:
     (Path(uris["policy_uri"]) / "lineage.json").unlink()
 
@@ -229,6 +343,15 @@ def _ablation_policy(uris: dict[str, str]) -> None:
     path.write_text(json.dumps(json.loads(path.read_text()) | {"variant": "reward-only"}))
 
 
+def _evaluation_of_another_run(uris: dict[str, str]) -> None:
+    path = Path(uris["evaluation_uri"]) / RESULT_FILE
+    path.write_text(
+        StageResult(
+            stage="evaluate", status="succeeded", metrics=figures(), pipeline_run_id="run-2"
+        ).to_json()
+    )
+
+
 def _incomplete_evaluation(uris: dict[str, str]) -> None:
     path = Path(uris["evaluation_uri"]) / RESULT_FILE
     metrics = figures()
@@ -244,6 +367,10 @@ def _incomplete_evaluation(uris: dict[str, str]) -> None:
         (_other_reward, r"trained against a reward model with sha256 [0-9a-f]{64}, but .*/reward has sha256"),
         (_ablation_policy, r"the policy is the 'reward-only' ablation"),
         (_incomplete_evaluation, r"result.json lacks the metrics evaluation/win_rate/harmlessness"),
+        (
+            _evaluation_of_another_run,
+            r"evaluation at .*/evaluation belongs to pipeline run 'run-2', not to 'run-1', which trained",
+        ),
     ],
 )
 def test_bad_inputs_are_refused_before_anything_is_registered(
@@ -438,6 +565,7 @@ def test_force_needs_a_reason_and_is_recorded(cfg: PipelineConfig, tmp_path: Pat
     assert float(tags["promotion.1.gate.cost_budget.figure"]) == -0.2
     assert float(tags["promotion.1.gate.cost_budget.limit"]) == BUDGET
     assert tags["promotion.1.gate.harmful_share.passed"] == "true"
+    assert tags["promotion.1.gate.passed_staging.passed"] == "false"  # forced past the order too
     assert datetime.fromisoformat(tags["promotion.1.time"]).utcoffset().total_seconds() == 0
     assert client(cfg).get_registered_model(name).aliases == {"candidate": 1, "production": 1}
     # A later promotion of the same version gets the next record number.
@@ -446,6 +574,68 @@ def test_force_needs_a_reason_and_is_recorded(cfg: PipelineConfig, tmp_path: Pat
     )
     assert again.record == 2
     assert client(cfg).get_model_version(name, version).tags["promotion.2.alias"] == "staging"
+
+
+def test_production_without_staging_is_refused(cfg: PipelineConfig, tmp_path: Path) -> None:
+    name = cfg.registry.policy_name
+    version = registered_policy(cfg, tmp_path / "run", "run-1")  # passes the gate
+    with pytest.raises(registry.RegistryError) as refused:
+        registry.promote(cfg, model=name, version=version, to="production", user="alice")
+    assert not isinstance(refused.value, registry.PromotionRefused)
+    assert str(refused.value) == (
+        f"cannot promote {name} version 1 to 'production': it never passed a non-forced promotion to "
+        "'staging'; promote it to 'staging' first, or pass --force with --reason TEXT"
+    )
+    assert client(cfg).get_registered_model(name).aliases == {"candidate": 1}
+    assert not any(key.startswith("promotion.") for key in client(cfg).get_model_version(name, "1").tags)
+
+
+def test_production_after_a_forced_staging_is_refused(cfg: PipelineConfig, tmp_path: Path) -> None:
+    name = cfg.registry.policy_name
+    version = registered_policy(cfg, tmp_path / "run", "run-1", cost=-0.2)  # fails the gate
+    registry.promote(cfg, model=name, version=version, to="staging", force=True, reason="demo", user="bob")
+    with pytest.raises(
+        registry.RegistryError,
+        match=r"never passed a non-forced promotion to 'staging' \(only forced, in promotion record 1\)",
+    ):
+        registry.promote(cfg, model=name, version=version, to="production", user="bob")
+    assert "production" not in client(cfg).get_registered_model(name).aliases
+
+
+def test_production_after_a_passed_staging_is_allowed(cfg: PipelineConfig, tmp_path: Path) -> None:
+    name = cfg.registry.policy_name
+    version = registered_policy(cfg, tmp_path / "run", "run-1")
+    staged = registry.promote(cfg, model=name, version=version, to="staging", user="alice")
+    assert staged.checks[0].name == "cost_budget"  # staging has no order check
+    result = registry.promote(cfg, model=name, version=version, to="production", user="alice")
+    assert (result.forced, result.record, result.checks[0].passed) == (False, 2, True)
+    assert result.checks[0].detail == "passed 'staging' unforced (promotion record 1)"
+    tags = client(cfg).get_model_version(name, version).tags
+    assert tags["promotion.2.alias"] == "production"
+    assert tags["promotion.2.gate.passed_staging.passed"] == "true"
+    assert client(cfg).get_registered_model(name).aliases == {"candidate": 1, "staging": 1, "production": 1}
+
+
+def test_promotion_order_comes_from_the_config(tmp_path: Path, empty_store: Path) -> None:
+    (tmp_path / "work").mkdir()
+    shutil.copyfile(empty_store, tmp_path / "work" / "mlflow.db")
+    tree = config_tree(tmp_path)
+    direct = config_from_dict(tree | {"promotion": tree["promotion"] | {"requires_passed": {}}})
+    version = registered_policy(direct, tmp_path / "run", "run-1")
+    result = registry.promote(direct, model=direct.registry.policy_name, version=version, to="production")
+    assert [check.name for check in result.checks] == [
+        "cost_budget",
+        "harmful_share",
+        "judges_agree",
+        "reward_not_worse",
+    ]
+    circular = {"requires_passed": {"production": "staging", "staging": "production"}}
+    with pytest.raises(
+        ConfigError, match=r"requires_passed is circular \(production -> staging -> production\)"
+    ):
+        config_from_dict(tree | {"promotion": circular})
+    with pytest.raises(ConfigError, match=r"promotion.requires_passed.production"):
+        config_from_dict(tree | {"promotion": {"requires_passed": {"production": "stagin"}}})
 
 
 def test_unknown_model_or_version_is_named(cfg: PipelineConfig, tmp_path: Path) -> None:
@@ -476,12 +666,13 @@ def test_unreachable_tracking_server_is_named(tmp_path: Path, monkeypatch: pytes
 
 def test_list_versions_shows_aliases_and_figures(cfg: PipelineConfig, tmp_path: Path) -> None:
     first = registered_policy(cfg, tmp_path / "run1", "run-1", reward=1.0)
-    registry.promote(cfg, model=cfg.registry.policy_name, version=first, to="production", user="alice")
+    for alias in ("staging", "production"):
+        registry.promote(cfg, model=cfg.registry.policy_name, version=first, to=alias, user="alice")
     registered_policy(cfg, tmp_path / "run2", "run-2", reward=2.0)
     rows = registry.list_versions(cfg)
     policies = [row for row in rows if row.name == cfg.registry.policy_name]
     assert [(row.version, row.aliases, row.pipeline_run_id) for row in policies] == [
-        ("1", ("production",), "run-1"),
+        ("1", ("production", "staging"), "run-1"),
         ("2", ("candidate",), "run-2"),
     ]
     assert policies[1].figures["evaluation/trained/reward"] == 2.0
@@ -512,11 +703,20 @@ def test_cli_register_promote_and_models(
     # Without --pipeline-run-id the registration belongs to the run that trained the policy.
     assert client(cfg).get_model_version(cfg.registry.policy_name, "1").tags["pipeline_run_id"] == "run-1"
 
-    promote = ["promote", "--model", cfg.registry.policy_name, "--version", "1", "--to", "production"]
-    assert main([*promote, "--user", "carol", *config]) == 2
+    staging = ["promote", "--model", cfg.registry.policy_name, "--version", "1", "--to", "staging"]
+    assert main([*staging, "--user", "carol", *config]) == 2
     captured = capsys.readouterr()
     assert "cost_budget" in captured.out and "FAIL" in captured.out
     assert "refused" in captured.err and "-0.2 > limit -0.5" in captured.err
+
+    promote = ["promote", "--model", cfg.registry.policy_name, "--version", "1", "--to", "production"]
+    assert main([*promote, "--user", "carol", *config]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip().splitlines() == [
+        f"error: cannot promote {cfg.registry.policy_name} version 1 to 'production': it never passed a "
+        "non-forced promotion to 'staging'; promote it to 'staging' first, or pass --force with --reason TEXT"
+    ]
 
     assert main([*promote, "--force", *config]) == 2
     assert "--force needs a non-empty --reason" in capsys.readouterr().err

@@ -227,10 +227,18 @@ def cmd_register(args: argparse.Namespace) -> int:
         evaluation_uri=args.evaluation,
         pipeline_run_id=args.pipeline_run_id,
     )
-    for role, version in result.details["versions"].items():
-        state = "created" if version["created"] else "existing"
+    versions = result.details["versions"]
+    for role, version in versions.items():
+        state = "created" if version["created"] else f"existing (registered in {version['registered_in']})"
         print(f"{role:<7} {version['uri']:<36} {state:<9} {version['source']}")
-    print(f"alias {cfg.registry.candidate_alias!r} -> {result.outputs['policy']}")
+    policy = versions["policy"]
+    if policy["alias"]:
+        print(f"alias {policy['alias']!r} -> {policy['uri']}")
+    else:
+        print(
+            f"alias {cfg.registry.candidate_alias!r} not moved: these policy bytes are already "
+            f"{policy['uri']}, registered in pipeline run {policy['registered_in']}"
+        )
     return 0
 
 
@@ -443,7 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cost", required=True, help="train-cost output folder or s3:// prefix")
     p.add_argument("--guard", required=True, help="train-guard output folder or s3:// prefix")
     p.add_argument("--evaluation", required=True, help="evaluate output folder (its result.json)")
-    p.add_argument("--pipeline-run-id", help="default: the pipeline run that trained the policy")
+    p.add_argument(
+        "--pipeline-run-id", help="the pipeline run that trained the policy (the default); another is refused"
+    )
     _add_config_args(p)
     p.set_defaults(func=cmd_register)
 

@@ -344,6 +344,8 @@ class RegistryConfig(StrictModel):
     registered where they are."""
 
 
+PromotionAlias = Literal["staging", "production"]
+"""The aliases `promote` moves (the registration itself sets `RegistryConfig.candidate_alias`)."""
 HarmJudge = Literal["reference", "cost_model"]
 """Who the promotion gate asks whether an answer is harmful (see `PromotionGate.judge`)."""
 ShareBound = Literal["upper", "point"]
@@ -368,6 +370,23 @@ class PromotionGate(StrictModel):
     """Budget d for the evaluation J_C (mean cost); None means `train_ppo_lag.lagrangian.threshold`."""
     min_reward_delta: float = 0.0
     """Mean reward may not fall more than this below the version holding the target alias."""
+    requires_passed: dict[PromotionAlias, PromotionAlias] = {"production": "staging"}
+    """Alias -> the alias a version must have reached first by a non-forced promotion. The default
+    makes `production` take only a version that passed the gate into `staging`, so what serves
+    users was shadowed first; a forced staging promotion does not count (its gate was overridden),
+    and `promote --force --reason` can still skip the order. `{}` lets any alias be promoted to
+    directly. A mapping rather than a fixed ladder, so a deployment can add or drop a step."""
+
+    @model_validator(mode="after")
+    def _acyclic(self) -> PromotionGate:
+        for alias in self.requires_passed:
+            seen = [alias]
+            while (before := self.requires_passed.get(seen[-1])) is not None:
+                if before in seen:
+                    chain = " -> ".join([*seen, before])
+                    raise ValueError(f"requires_passed is circular ({chain}): no version could be promoted")
+                seen.append(before)
+        return self
 
 
 class Toleration(StrictModel):

@@ -7,12 +7,17 @@ links a version to the run that made it. Tags carry the lineage a reviewer needs
 anything else: the pipeline run, the data digests, the base model and model digests, the upstream
 model versions the policy was trained and evaluated with, and the headline evaluation figures.
 
+Registration is keyed by content and lineage: bytes already registered under a model name get that
+version back (no new version, no alias moved), and a pipeline run id other than the one that trained
+and evaluated the policy is refused.
+
 Promotion moves the `staging` or `production` alias to a policy version only after a gate on those
 figures: the cost budget; the harmful share's upper confidence bound by the most trusted judge the
 evaluation had (the synthetic world's exact judge, else an external judge, else the cost model); the
-learned judges agreeing with that judge in direction; reward not below the current holder. `force`
-overrides the gate with a recorded reason. Every promotion leaves a numbered record of tags on the
-version: who, when, which alias, the gate figures and whether each check passed.
+learned judges agreeing with that judge in direction; reward not below the current holder. And
+`production` only takes a version that passed `staging` unforced (`promotion.requires_passed`).
+`force` overrides the gate and that order with a recorded reason. Every promotion leaves a numbered
+record of tags on the version: who, when, which alias, the gate figures and whether each check passed.
 """
 
 from __future__ import annotations
@@ -24,14 +29,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from safe_rlhf_v import storage, tracking
-from safe_rlhf_v.config import HarmJudge, PipelineConfig, ShareBound
+from safe_rlhf_v.config import HarmJudge, PipelineConfig, PromotionAlias, ShareBound
 from safe_rlhf_v.errors import UserError
 from safe_rlhf_v.lineage import SPLITS, model_digest, read_lineage
 from safe_rlhf_v.records import LINEAGE_FILE, MAIN_VARIANT, RESULT_FILE, StageResult
@@ -45,7 +50,7 @@ TRAINED_BY: dict[Role, str] = {
     "cost": "train-cost",
     "guard": "train-guard",
 }
-PROMOTION_TARGETS = ("staging", "production")
+PROMOTION_TARGETS: tuple[PromotionAlias, ...] = get_args(PromotionAlias)
 
 REWARD_KEY = "evaluation/trained/reward"
 COST_KEY = "evaluation/trained/cost"
@@ -107,13 +112,17 @@ class PromotionRefused(RegistryError):
 
 @dataclass(frozen=True)
 class ModelVersionRef:
-    """One registered version: where it points and whether this call created it."""
+    """One registered version: where it points, whether this call created it, who registered it."""
 
     name: str
     version: str
     source: str
     created: bool
     model_sha256: str
+    registered_in: str
+    """The pipeline run whose registration made the version (an earlier one when `created` is False)."""
+    alias: str | None = None
+    """The alias this registration pointed at the version; None when it moved none."""
 
     @property
     def uri(self) -> str:
@@ -328,15 +337,75 @@ def _policy_tags(
     return tags
 
 
-def _existing_version(
-    client: MlflowClient, name: str, pipeline_run_id: str, source: str
-) -> ModelVersion | None:
-    """The version an earlier registration of the same pipeline run made from the same source."""
+def _check_same_run(
+    policy: Mapping[str, Any],
+    evaluation: StageResult,
+    pipeline_run_id: str,
+    policy_uri: str,
+    evaluation_uri: str,
+) -> None:
+    """A registration speaks for the pipeline run that trained and evaluated the policy.
+
+    Under any other id the versions would be tagged with a run that never made them, and `candidate`
+    would move on its word; an evaluation from another run would put another policy's figures on
+    this one, and the promotion gate reads nothing else. The reward, cost and guard models are not
+    held to the id: a run may reuse one trained earlier, and registration by content gives such a
+    model its existing version back.
+    """
+    trained_in = str(policy["pipeline_run_id"])
+    if trained_in != pipeline_run_id:
+        raise RegistryError(
+            f"pipeline run id {pipeline_run_id!r} contradicts {policy_uri.rstrip('/')}/{LINEAGE_FILE}, "
+            f"which says the policy was trained in pipeline run {trained_in!r}: register under "
+            f"{trained_in!r} (omit --pipeline-run-id)"
+        )
+    if evaluation.pipeline_run_id != pipeline_run_id:
+        raise RegistryError(
+            f"the evaluation at {evaluation_uri} belongs to pipeline run {evaluation.pipeline_run_id!r}, not "
+            f"to {pipeline_run_id!r}, which trained the policy: evaluate this policy with --pipeline-run-id "
+            f"{pipeline_run_id} and pass that evaluation"
+        )
+
+
+def registration_run_id(policy_uri: str, evaluation_uri: str, pipeline_run_id: str | None) -> str:
+    """The pipeline run a registration belongs to: the one the policy's lineage names, which a given
+    `pipeline_run_id` and the evaluation's run must both be (`_check_same_run`).
+
+    The register stage asks this before it opens its MLflow run or publishes anything, so a refused
+    registration leaves no run nested under a pipeline run that never happened.
+    """
+    policy = read_model_lineage("policy", policy_uri)
+    run_id = pipeline_run_id or str(policy["pipeline_run_id"])
+    _check_same_run(policy, read_evaluation(evaluation_uri), run_id, policy_uri, evaluation_uri)
+    return run_id
+
+
+def _version_holding(client: MlflowClient, name: str, digest: str) -> ModelVersion | None:
+    """The version of `name` that already holds these bytes, whoever registered it and from where.
+
+    The digest covers the folder's `lineage.json` too, so equal digests also mean the same training run.
+    """
+    found = client.search_model_versions(
+        f"name = {_literal(name)} and tags.{MODEL_SHA_TAG} = {_literal(digest)}"
+    )
+    return min(found, key=lambda version: int(version.version), default=None)
+
+
+def _refuse_changed_artifact(
+    client: MlflowClient, name: str, pipeline_run_id: str, source: str, digest: str
+) -> None:
+    """A version this pipeline run registered from `source` must still hash the same: a folder
+    retrained in place would leave that version pointing at bytes its tags do not describe."""
     found = client.search_model_versions(
         f"name = {_literal(name)} and tags.{PIPELINE_RUN_TAG} = {_literal(pipeline_run_id)}"
     )
-    matches = sorted((v for v in found if v.source == source), key=lambda v: int(v.version))
-    return matches[0] if matches else None
+    for version in sorted(found, key=lambda version: int(version.version)):
+        recorded = version.tags.get(MODEL_SHA_TAG)
+        if version.source == source and recorded != digest:
+            raise RegistryError(
+                f"{name} version {version.version} was registered from {source} with sha256 {recorded}, but "
+                f"the folder now has sha256 {digest}: the artifact changed after it was registered"
+            )
 
 
 def _ensure_registered_model(client: MlflowClient, name: str, role: Role) -> None:
@@ -369,18 +438,14 @@ def _check_run_exists(client: MlflowClient, run_id: str, role: Role, uri: str) -
 def _register_one(
     client: MlflowClient, role: Role, name: str, uri: str, lineage: Mapping[str, Any], tags: dict[str, str]
 ) -> ModelVersionRef:
-    """Reuse this pipeline run's version of `uri`, or create it; a reused one must hash the same."""
+    """The version already holding these bytes, or a new one: one version per content, never two."""
     source = source_uri(uri)
-    digest = tags[MODEL_SHA_TAG]
-    existing = _existing_version(client, name, tags[PIPELINE_RUN_TAG], source)
+    digest, pipeline_run_id = tags[MODEL_SHA_TAG], tags[PIPELINE_RUN_TAG]
+    _refuse_changed_artifact(client, name, pipeline_run_id, source, digest)
+    existing = _version_holding(client, name, digest)
     if existing is not None:
-        recorded = existing.tags.get(MODEL_SHA_TAG)
-        if recorded != digest:
-            raise RegistryError(
-                f"{name} version {existing.version} was registered from {source} with sha256 {recorded}, but "
-                f"the folder now has sha256 {digest}: the artifact changed after it was registered"
-            )
-        return ModelVersionRef(name, str(existing.version), source, False, digest)
+        registered_in = existing.tags.get(PIPELINE_RUN_TAG, "")
+        return ModelVersionRef(name, str(existing.version), existing.source, False, digest, registered_in)
     _check_run_exists(client, lineage["mlflow_run_id"], role, uri)
     _ensure_registered_model(client, name, role)
     version = client.create_model_version(
@@ -390,7 +455,22 @@ def _register_one(
         tags=tags,
         description=f"{role} model from {TRAINED_BY[role]} in pipeline run {lineage['pipeline_run_id']}",
     )
-    return ModelVersionRef(name, str(version.version), source, True, digest)
+    return ModelVersionRef(name, str(version.version), source, True, digest, pipeline_run_id)
+
+
+def _moves_alias(client: MlflowClient, policy: ModelVersionRef, pipeline_run_id: str, alias: str) -> bool:
+    """Whether this registration points `alias` at the policy version.
+
+    A new version always takes it. An existing one only when this same pipeline run registered it: a
+    retry completes a registration that stopped before the alias moved, unless a later registration
+    (a higher version) has taken the alias since. Bytes registered by another run move nothing.
+    """
+    if policy.created:
+        return True
+    if policy.registered_in != pipeline_run_id:
+        return False
+    held = client.get_registered_model(policy.name).aliases.get(alias)
+    return held is None or int(held) <= int(policy.version)
 
 
 def register_run_models(
@@ -406,21 +486,24 @@ def register_run_models(
     """Register the run's four models and point the `candidate` alias at the policy version.
 
     Everything is read and checked before anything is written: every lineage record, the
-    evaluation's figures, the digests of all four folders, and that the reward and cost folders are
-    the ones the policy was trained against.
+    evaluation's figures, that `pipeline_run_id` is the run that trained and evaluated the policy,
+    the digests of all four folders, and that the reward and cost folders are the ones the policy
+    was trained against.
 
-    Idempotent per pipeline run: a model whose source already has a version tagged with this
-    `pipeline_run_id` gets that version back instead of a new one, provided its recorded
-    `model_sha256` still matches the folder. This makes a KFP retry of a half-finished registration
-    safe: the retry reuses what the first attempt created and fills in the rest, and the alias is
-    set again to the same version. Races remain on a cluster because MLflow has no conditional
-    create: two attempts of the same registration running at the same time (a retry started while
-    a pod presumed dead still runs) can both miss the search and each create a version; and two
-    pipeline runs finishing together both move `candidate`, the last one winning.
+    Keyed by content: a folder whose `model_sha256` a version of that model already carries gets
+    that version back (from any source, any run), so the same bytes are never registered twice. A
+    version this run registered from the same source must still match the folder's digest. This
+    makes a KFP retry of a half-finished registration safe: the retry reuses what the first attempt
+    created, fills in the rest and sets the alias the first attempt may not have reached; bytes
+    another run registered move no alias (`_moves_alias`). Races remain on a cluster because MLflow
+    has no conditional create: two registrations of the same bytes running at the same time (a
+    retry started while a pod presumed dead still runs) can both miss the search and each create a
+    version; and two pipeline runs finishing together both move `candidate`, the last one winning.
     """
     uris: dict[Role, str] = {"policy": policy_uri, "reward": reward_uri, "cost": cost_uri, "guard": guard_uri}
     lineages = {role: read_model_lineage(role, uri) for role, uri in uris.items()}
     evaluation = read_evaluation(evaluation_uri)
+    _check_same_run(lineages["policy"], evaluation, pipeline_run_id, policy_uri, evaluation_uri)
     digests = {role: model_digest(uri) for role, uri in uris.items()}
     for role in ("reward", "cost"):
         _check_upstream(lineages["policy"], role, digests[role], uris[role])
@@ -434,8 +517,10 @@ def register_run_models(
                 tags |= _policy_tags(upstream, evaluation, evaluation_uri)
             name = getattr(cfg.registry, f"{role}_name")
             refs[role] = _register_one(client, role, name, uris[role], lineages[role], tags)
-        policy = refs["policy"]
-        client.set_registered_model_alias(policy.name, cfg.registry.candidate_alias, policy.version)
+        policy, alias = refs["policy"], cfg.registry.candidate_alias
+        if _moves_alias(client, policy, pipeline_run_id, alias):
+            client.set_registered_model_alias(policy.name, alias, policy.version)
+            refs["policy"] = replace(policy, alias=alias)
     return refs
 
 
@@ -554,6 +639,21 @@ def _next_record(tags: Mapping[str, str]) -> int:
     return max(numbers, default=0) + 1
 
 
+def _order_check(tags: Mapping[str, str], before: str) -> GateCheck:
+    """Whether the version reached `before` by a promotion that passed the gate unforced.
+
+    A forced record does not count: its gate was overridden, so the version never showed it passes.
+    """
+    records = sorted({int(match.group(1)) for key in tags if (match := _RECORD_RE.match(key))})
+    reached = [number for number in records if tags.get(f"promotion.{number}.alias") == before]
+    passed = [number for number in reached if tags.get(f"promotion.{number}.forced") == "false"]
+    name = f"passed_{before}"
+    if passed:
+        return GateCheck(name, None, None, True, f"passed {before!r} unforced (promotion record {passed[0]})")
+    forced = f" (only forced, in promotion record {reached[0]})" if reached else ""
+    return GateCheck(name, None, None, False, f"never passed a non-forced promotion to {before!r}{forced}")
+
+
 def _number(value: float | None) -> str:
     return "unknown" if value is None else repr(value)
 
@@ -590,6 +690,11 @@ def promote(
 ) -> PromotionResult:
     """Move alias `to` (staging or production) to `model` version `version` if the gate passes.
 
+    An alias that `promotion.requires_passed` puts after another (`production` after `staging`) takes
+    only a version that passed the earlier one unforced; otherwise the promotion is refused before
+    the gate runs, since promoting to the earlier alias is what runs the gate first. `force` skips
+    the order as it skips the gate, and the record says so (`gate.passed_<alias>.passed: false`).
+
     The record is written before the alias moves: if the move then fails, the version shows an
     attempt that did not take effect, which is better than an alias moved with no record of why.
     Concurrent promotions of one version may pick the same record number (MLflow has no counter).
@@ -603,9 +708,16 @@ def promote(
     with tracking.tracking_errors(uri):
         aliases = _registered_model_aliases(client, model, uri)
         target = _model_version(client, model, str(version))
+        before = cfg.promotion.requires_passed.get(to)
+        order = [_order_check(target.tags, before)] if before else []
+        if not force and not all(check.passed for check in order):
+            raise RegistryError(
+                f"cannot promote {model} version {target.version} to {to!r}: it {order[0].detail}; "
+                f"promote it to {before!r} first, or pass --force with --reason TEXT"
+            )
         holder_version = aliases.get(to)
         holder = _model_version(client, model, holder_version) if holder_version else None
-        checks = evaluate_gate(target.tags, holder, to, gate_limits(cfg))
+        checks = order + evaluate_gate(target.tags, holder, to, gate_limits(cfg))
         if not force and not all(check.passed for check in checks):
             raise PromotionRefused(model, str(target.version), to, checks)
         result = PromotionResult(

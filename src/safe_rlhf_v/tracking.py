@@ -36,6 +36,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
+from safe_rlhf_v import work_dir as layout
 from safe_rlhf_v.config import TrackingConfig
 from safe_rlhf_v.errors import UserError, redact
 
@@ -90,7 +91,7 @@ def resolve_tracking_uri(tracking: TrackingConfig, work_dir: str | Path) -> str:
         return tracking.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    db = Path(work_dir).resolve() / "mlflow.db"
+    db = Path(work_dir).resolve() / layout.MLFLOW_DB
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"
 
@@ -112,7 +113,7 @@ def configure(tracking: TrackingConfig, work_dir: str | Path) -> str:
             return experiment.experiment_id
         artifact_location = tracking.artifact_location
         if artifact_location is None and uri.startswith("sqlite:"):
-            artifact_location = (Path(work_dir).resolve() / "mlruns").as_uri()
+            artifact_location = (Path(work_dir).resolve() / layout.MLRUNS).as_uri()
         experiment_id = client.create_experiment(tracking.experiment, artifact_location=artifact_location)
         mlflow.set_experiment(experiment_id=experiment_id)
         return experiment_id

@@ -43,6 +43,7 @@ import datasets
 import mlflow
 
 from safe_rlhf_v import storage, tracking
+from safe_rlhf_v import work_dir as layout
 from safe_rlhf_v.config import PipelineConfig
 from safe_rlhf_v.data.sources import load_split
 from safe_rlhf_v.errors import UserError
@@ -53,13 +54,8 @@ from safe_rlhf_v.lineage import (
     write_lineage,
 )
 from safe_rlhf_v.records import RESULT_FILE, Lineage, ModelKind, StageName, StageResult, Variant
-from safe_rlhf_v.train.distributed import init_distributed
-from safe_rlhf_v.train.integrity import KEY_FILE, checkpoint_key
 
 log = logging.getLogger(__name__)
-
-WORK_DIR_RESERVED = ("cache", "checkpoints", "mlruns", "mlflow.db", KEY_FILE)
-"""What `work_dir` holds for every stage and run: no stage output may land on any of it."""
 
 SIGTERM_EXIT = 128 + signal.SIGTERM
 
@@ -109,7 +105,7 @@ def _refuse_work_dir(out: Path, work_dir: Path) -> None:
         raise OutputLocationRefused(
             f"--out {out} is the work_dir {work_dir} or holds it; choose a folder inside it or elsewhere"
         )
-    for name in WORK_DIR_RESERVED:
+    for name in layout.RESERVED:
         if _within(out, work_dir / name):
             raise OutputLocationRefused(
                 f"--out {out} is inside {work_dir / name}, which the pipeline keeps for itself; choose "
@@ -191,7 +187,7 @@ def local_model(uri: str, work_dir: str | Path) -> str:
         return uri
     import torch.distributed as dist
 
-    target = Path(work_dir) / "cache" / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target = layout.model_cache(work_dir) / hashlib.sha256(uri.encode()).hexdigest()[:16]
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not (target / "config.json").exists():
         storage.download(uri, target)
     if dist.is_available() and dist.is_initialized():
@@ -242,9 +238,12 @@ class StageContext:
 
     def checkpoint_dir(self, name: str | None = None) -> Path:
         """Resume checkpoints: stable across retries of the same pipeline run, one folder per task."""
-        return self.work_dir / "checkpoints" / self.pipeline_run_id / (name or self.stage)
+        return layout.checkpoints(self.work_dir, self.pipeline_run_id, name or self.stage)
 
     def checkpoint_key(self) -> bytes:
+        # Imported here: the checkpoint code pulls in DeepSpeed, which only training stages need.
+        from safe_rlhf_v.train.integrity import checkpoint_key
+
         return checkpoint_key(self.work_dir)
 
     def model(self, uri: str) -> str:
@@ -261,7 +260,7 @@ class StageContext:
     ) -> tuple[dict[str, str], dict[str, datasets.Dataset]]:
         """The digests and splits of a validate-data output, each split logged as an MLflow input."""
         digests = dataset_digests(data_uri)
-        cache = self.work_dir / "cache" / "data"
+        cache = layout.data_cache(self.work_dir)
         loaded = {
             split: load_split(validated_dataset_uri(data_uri), split, cache_dir=cache) for split in splits
         }
@@ -380,7 +379,13 @@ def open_stage(
     by an exception discards the staged folder and ends the MLflow run as FAILED (KILLED on SIGTERM
     or Ctrl-C)."""
     out = checked_output(out_uri, stage, inputs, cfg.work_dir) if out_uri else None
-    main = init_distributed().rank == 0 if distributed else True
+    if distributed:
+        # Imported here: DeepSpeed is slow to import and chatty, and single-process stages never need it.
+        from safe_rlhf_v.train.distributed import init_distributed
+
+        main = init_distributed().rank == 0
+    else:
+        main = True
     ctx = StageContext(
         stage=stage,
         cfg=cfg,

@@ -17,13 +17,13 @@ import base64
 import io
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import datasets
 from PIL import Image
 
 from safe_rlhf_v import storage, tracking
+from safe_rlhf_v import work_dir as layout
 from safe_rlhf_v.config import PipelineConfig
 from safe_rlhf_v.data.ground_truth import truth_record
 from safe_rlhf_v.data.sources import load_split
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 def prompt_sets(cfg: PipelineConfig, data_uri: str) -> dict[str, datasets.Dataset]:
     """The evaluation split (first `evaluate.prompts` rows) and every extra prompt set by name."""
-    cache = Path(cfg.work_dir) / "cache" / "data"
+    cache = layout.data_cache(cfg.work_dir)
     held_out = load_split(validated_dataset_uri(data_uri), "evaluation", cache_dir=cache)
     sets = {"evaluation": held_out.select(range(min(cfg.evaluate.prompts, len(held_out))))}
     for name, uri in sorted(cfg.evaluate.extra_prompt_sets.items()):

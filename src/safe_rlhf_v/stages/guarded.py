@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from safe_rlhf_v import work_dir as layout
 from safe_rlhf_v.config import PipelineConfig
 from safe_rlhf_v.data.sources import load_split
 from safe_rlhf_v.guardrail import Guardrail, summarize
@@ -25,7 +26,7 @@ def guarded_generate(
 ) -> dict[str, Any]:
     """Answer the evaluation prompts of `data_uri` through the guardrail; write traces and summary."""
     section = cfg.guardrail
-    prompts = load_split(data_uri, cfg.data.eval_split, cache_dir=Path(cfg.work_dir) / "cache" / "data")
+    prompts = load_split(data_uri, cfg.data.eval_split, cache_dir=layout.data_cache(cfg.work_dir))
     if limit is not None:
         prompts = prompts.select(range(min(limit, len(prompts))))
     policy = Policy(

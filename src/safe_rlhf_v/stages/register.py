@@ -46,12 +46,13 @@ def run(
     evaluation_uri: str,
     pipeline_run_id: str | None = None,
 ) -> StageResult:
-    """Register the run's models (idempotently) and point `candidate` at the policy version.
+    """Register the run's models (by content: no bytes twice) and point `candidate` at the policy version.
 
-    Without `pipeline_run_id` the registration belongs to the pipeline run that trained the policy
-    (from its lineage), so a registration from the command line nests under that run in MLflow.
+    The registration belongs to the pipeline run that trained the policy (from its lineage), so a
+    registration from the command line nests under that run in MLflow; a `pipeline_run_id` naming
+    another run is refused before anything is logged or published.
     """
-    pipeline_run_id = pipeline_run_id or registry.read_model_lineage("policy", policy_uri)["pipeline_run_id"]
+    pipeline_run_id = registry.registration_run_id(policy_uri, evaluation_uri, pipeline_run_id)
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking, cfg.work_dir)
     with (
         tracking.tracking_errors(tracking_uri),

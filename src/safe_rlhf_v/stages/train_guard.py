@@ -12,6 +12,7 @@ from typing import Any
 import datasets
 from matplotlib.figure import Figure
 
+from safe_rlhf_v import work_dir as layout
 from safe_rlhf_v.config import PipelineConfig
 from safe_rlhf_v.data.schema import FLAT_COLUMNS
 from safe_rlhf_v.data.sources import load_split, to_flat
@@ -76,7 +77,7 @@ def run(
         digests, splits = ctx.load_validated(data_uri)
         train = splits["train"]
         if section.extra_data:
-            extra = load_split(section.extra_data, "train", cache_dir=ctx.work_dir / "cache" / "data")
+            extra = load_split(section.extra_data, "train", cache_dir=layout.data_cache(ctx.work_dir))
             train = with_extra_rows(train, extra)
         settings = GuardSettings(
             base_model=ctx.model(base_model),

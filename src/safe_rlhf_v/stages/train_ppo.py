@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import mlflow
 
+from safe_rlhf_v import work_dir as layout
 from safe_rlhf_v.config import PipelineConfig
 from safe_rlhf_v.data.sources import load_split
 from safe_rlhf_v.errors import UserError
@@ -60,7 +61,7 @@ def run(
             mlflow.log_params({"variant": variant, "base_model": policy})
         digests, splits = ctx.load_validated(data_uri)
         held_out = splits["evaluation"].select(range(min(section.eval_prompts, len(splits["evaluation"]))))
-        cache = ctx.work_dir / "cache" / "data"
+        cache = layout.data_cache(ctx.work_dir)
         ptx = load_split(section.ptx_data, "train", cache_dir=cache) if section.ptx_data else None
         models = PPOModels(
             actor=ctx.model(policy),

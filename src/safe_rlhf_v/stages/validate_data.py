@@ -16,11 +16,11 @@ later stages never need the data section of the config to find their data.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import datasets
 
 from safe_rlhf_v import tracking
+from safe_rlhf_v import work_dir as layout
 from safe_rlhf_v.config import PipelineConfig
 from safe_rlhf_v.data.sources import load_split
 from safe_rlhf_v.data.validation import ValidationReport, validate_splits
@@ -40,7 +40,7 @@ class DataValidationError(UserError, RuntimeError):
 
 
 def _load(cfg: PipelineConfig, data_uri: str) -> dict[str, datasets.Dataset]:
-    cache = Path(cfg.work_dir) / "cache" / "data"
+    cache = layout.data_cache(cfg.work_dir)
     sources = dict(zip(CANONICAL_SPLITS, (cfg.data.train_split, cfg.data.eval_split), strict=True))
     splits = {}
     for canonical, source_split in sources.items():

@@ -40,9 +40,9 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
 from safe_rlhf_v.errors import UserError
+from safe_rlhf_v.work_dir import KEY_FILE
 
 KEY_ENV = "SAFE_RLHF_V_CHECKPOINT_KEY"
-KEY_FILE = "checkpoint.key"
 MANIFEST = "manifest.json"
 MIN_KEY_LENGTH = 32
 _FORMAT = 2  # 1 was the unkeyed sha256 listing: refused
