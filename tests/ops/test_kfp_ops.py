@@ -405,6 +405,22 @@ def test_token_is_sent_as_bearer_and_never_printed(
     assert token not in captured.out + captured.err
 
 
+def test_a_pod_authenticates_with_its_projected_service_account_token(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("projected-token-1")
+    monkeypatch.delenv("KFP_TOKEN", raising=False)
+    monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(token_file))
+    with FakeKfpApi(token="projected-token-1") as fake:
+        ops = PipelineOps.connect(fake.url)
+        ops.recent_runs()
+        token_file.write_text("projected-token-2")  # the kubelet rotated it
+        fake.token = "projected-token-2"
+        ops.recent_runs()
+        assert fake.problems == []
+
+
 def test_missing_and_unreachable_hosts_are_clear_errors(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

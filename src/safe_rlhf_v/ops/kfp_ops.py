@@ -15,7 +15,8 @@
 * `recent_runs`: the newest runs with their states, for a status table.
 
 The host comes from the caller or `KFP_HOST`, a bearer token only from `KFP_TOKEN` (never a flag,
-which would end up in shell history and process listings), and the token is never printed.
+which would end up in shell history and process listings) or, in a pod, from the projected
+service-account token of KFP's audience; the token is never printed.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ from safe_rlhf_v.errors import UserError
 
 HOST_ENV = "KFP_HOST"
 TOKEN_ENV = "KFP_TOKEN"
+SA_TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
+SA_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
+"""Where a pod's service-account token for the `pipelines.kubeflow.org` audience is projected
+(kfp's own default), used when `KFP_TOKEN` is unset."""
 
 _PYTHON_TYPES: dict[str, tuple[type, ...]] = {
     "STRING": (str,),
@@ -240,9 +245,14 @@ class PipelineOps:
         if not host:
             raise KfpOpsError(f"no Kubeflow Pipelines host: pass --host URL or set {HOST_ENV}")
         token = os.environ.get(TOKEN_ENV) or None
+        credentials = None
+        if token is None and Path(os.environ.get(SA_TOKEN_PATH_ENV, SA_TOKEN_PATH)).is_file():
+            # In a pod (the retrain CronJob): the projected token for KFP's audience, which kfp
+            # re-reads before every request, so the kubelet's rotation never breaks a long call.
+            credentials = kfp.client.ServiceAccountTokenVolumeCredentials()
         with _calling(host, "connect"), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="This client only works with Kubeflow Pipeline")
-            client = kfp.Client(host=host, existing_token=token)
+            client = kfp.Client(host=host, existing_token=token, credentials=credentials)
         return cls(client, host)
 
     def _calling(self, what: str) -> contextlib.AbstractContextManager[None]:
