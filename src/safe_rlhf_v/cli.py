@@ -315,7 +315,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     params = read_params(Path(args.params)) if args.params else {}
     ops = PipelineOps.connect(args.host)
     pipeline = args.pipeline_name or cfg.name
-    recurring_id = ops.schedule(
+    done = ops.schedule(
         pipeline_name=pipeline,
         cron=args.cron,
         name=args.name or f"{pipeline}-retrain",
@@ -323,7 +323,10 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         experiment=args.experiment or pipeline,
         service_account=cfg.kubernetes.service_account,
     )
-    print(f"recurring run: {recurring_id} (cron {kfp_cron(args.cron)}, latest version, max concurrency 1)")
+    print(
+        f"recurring run {done.action}: {done.recurring_run_id} ({done.status}; cron {kfp_cron(args.cron)}, "
+        "latest version, max concurrency 1)"
+    )
     return 0
 
 

@@ -398,6 +398,15 @@ class Toleration(StrictModel):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = "NoSchedule"
 
 
+TRAINER_RUNTIME_POLICIES: dict[str, Literal["torch", "mpi"]] = {
+    "torch-distributed": "torch",
+    "deepspeed-distributed": "mpi",
+    "safe-rlhf-v-deepspeed": "mpi",
+}
+"""The mlPolicy of the Kubeflow Trainer runtimes a config may name without `trainer_runtime_policy`."""
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
 class KubernetesConfig(StrictModel):
     """Cluster-only settings of the compiled pipeline (kfp-kubernetes); the local runner ignores them.
 
@@ -425,14 +434,44 @@ class KubernetesConfig(StrictModel):
     retry_backoff_max: str = "3600s"
     cache_training: bool = False
     """Serve training stages from KFP's cache (off: a scheduled retrain must retrain)."""
-    trainer_runtime: Literal["deepspeed-distributed", "torch-distributed"] = "torch-distributed"
-    """Kubeflow Trainer runtime of a multi-node `TrainJob` (stages with `nodes > 1`). The stock
-    `torch-distributed` runtime runs our image as is (torchrun on every node, DeepSpeed inside);
-    `deepspeed-distributed` needs a runtime whose node image has sshd and OpenMPI beside this package."""
+    trainer_runtime: str = "torch-distributed"
+    """ClusterTrainingRuntime of a multi-node `TrainJob` (stages with `nodes > 1`; Kubeflow Trainer
+    >= v2.2.0), a DNS-1123 name. The stock `torch-distributed` runs our image as is (torchrun on
+    every node, DeepSpeed inside); `safe-rlhf-v-deepspeed` (manifests/base/trainer-runtime.yaml)
+    is DeepSpeed over MPI with our image on every pod. The stock `deepspeed-distributed` keeps its
+    own image on the node pods, so it cannot run this package's ranks unless you patched it."""
+    trainer_runtime_policy: Literal["torch", "mpi"] | None = None
+    """The runtime's `mlPolicy` (how ranks start: torchrun, or mpirun over ssh). None: known for
+    the three runtimes above; any other runtime name must say it."""
     namespace: str | None = None
     """Namespace of multi-node TrainJobs; None: the namespace the pipeline task runs in."""
     service_account: str = "safe-rlhf-v-runner"
     """Service account of submitted and scheduled runs (manifests/base: may create TrainJobs)."""
+
+    @model_validator(mode="after")
+    def _known_runtime_policy(self) -> KubernetesConfig:
+        if len(self.trainer_runtime) > 253 or not _DNS1123_SUBDOMAIN.match(self.trainer_runtime):
+            raise ValueError(
+                f"kubernetes.trainer_runtime {self.trainer_runtime!r} is not a DNS-1123 name "
+                "(lower-case letters, digits, '-' and '.', at most 253 characters)"
+            )
+        known = TRAINER_RUNTIME_POLICIES.get(self.trainer_runtime)
+        if self.trainer_runtime_policy is None and known is None:
+            raise ValueError(
+                "kubernetes.trainer_runtime_policy must be torch or mpi for runtime "
+                f"{self.trainer_runtime!r} (known without it: {', '.join(sorted(TRAINER_RUNTIME_POLICIES))})"
+            )
+        if known is not None and self.trainer_runtime_policy not in (None, known):
+            raise ValueError(
+                f"kubernetes.trainer_runtime_policy {self.trainer_runtime_policy!r} contradicts runtime "
+                f"{self.trainer_runtime!r}, whose mlPolicy is {known}"
+            )
+        return self
+
+    @property
+    def trainer_policy(self) -> Literal["torch", "mpi"]:
+        """The mlPolicy of `trainer_runtime`: given, or known for the runtimes this project names."""
+        return self.trainer_runtime_policy or TRAINER_RUNTIME_POLICIES[self.trainer_runtime]
 
 
 class TrackingConfig(StrictModel):

@@ -91,7 +91,7 @@ class FakeKfpApi(LoopbackServer):
         parts = r.path.removeprefix(API).strip("/").split("/")
         routes = {
             ("GET", "healthz"): lambda: {"multi_user": False, "pipeline_store": "database"},
-            ("POST", "pipelines/upload"): lambda: self._upload_pipeline(r),
+            ("POST", "pipelines"): lambda: self._create_pipeline(r),
             ("POST", "pipelines/upload_version"): lambda: self._upload_version(r),
             ("GET", "pipelines"): lambda: self._list("pipelines", self.pipelines.values(), r),
             ("GET", "experiments"): lambda: self._list("experiments", self.experiments.values(), r),
@@ -108,6 +108,8 @@ class FakeKfpApi(LoopbackServer):
             return self._list_versions(parts[1], r)
         if r.method == "GET" and len(parts) == 4 and parts[0] == "pipelines" and parts[2] == "versions":
             return self._get_version(parts[1], parts[3])
+        if r.method == "DELETE" and len(parts) == 2 and parts[0] == "recurringruns":
+            return self._delete_recurring(parts[1])
         raise Reject(f"no such route in the fake: {r.method} {r.path}", status=404)
 
     def _check_auth(self, r: Request) -> None:
@@ -136,23 +138,23 @@ class FakeKfpApi(LoopbackServer):
         platforms = [doc for doc in docs[1:] if "platforms" in doc]
         return {"pipeline_spec": docs[0], "platform_spec": platforms[0]} if platforms else docs[0]
 
-    def _upload_pipeline(self, r: Request) -> dict[str, Any]:
-        name = r.query.get("name", "")
+    def _create_pipeline(self, r: Request) -> dict[str, Any]:
+        """POST /pipelines: a pipeline with no version yet (versions come by upload_version)."""
+        body = _json_body(r)
+        name = body.get("display_name") or ""
         if not name.strip():
-            raise Reject("query parameter 'name' (the pipeline's display name) is required")
-        spec = self._spec_from_upload(r)
+            raise Reject("pipeline display_name is required")
         if any(p["display_name"] == name for p in self.pipelines.values()):
             raise Reject(f"a pipeline named {name} already exists", status=409)
         pipeline = {
             "pipeline_id": str(uuid.uuid4()),
             "display_name": name,
             "name": name,
-            "description": r.query.get("description", ""),
+            "description": body.get("description") or "",
             "created_at": self._now(),
-            "namespace": r.query.get("namespace", ""),
+            "namespace": body.get("namespace") or "",
         }
         self.pipelines[pipeline["pipeline_id"]] = pipeline
-        self._add_version(pipeline["pipeline_id"], name, spec, pipeline["description"])
         return pipeline
 
     def _upload_version(self, r: Request) -> dict[str, Any]:
@@ -257,6 +259,8 @@ class FakeKfpApi(LoopbackServer):
             (v for v in self.versions.values() if v["pipeline_id"] == pipeline_id),
             key=lambda v: v["created_at"],
         )
+        if not mine:
+            raise Reject(f"pipeline {pipeline_id} has no versions")
         version = self.versions.get(version_id) if version_id else mine[-1]
         if version is None or version["pipeline_id"] != pipeline_id:
             raise Reject(f"pipeline {pipeline_id} has no version {version_id!r}")
@@ -266,6 +270,10 @@ class FakeKfpApi(LoopbackServer):
         unknown = sorted(set(given) - set(declared))
         if unknown:
             raise Reject(f"runtime_config.parameters has unknown parameter(s) {unknown}")
+        for name, value in given.items():
+            kind = declared[name].get("parameterType", "")
+            if not _JSON_TYPES.get(kind, lambda _: True)(value):
+                raise Reject(f"runtime_config.parameters.{name} must be a JSON {kind}, got {value!r}")
         return version
 
     def _create_run(self, r: Request) -> dict[str, Any]:
@@ -306,13 +314,54 @@ class FakeKfpApi(LoopbackServer):
             "created_at": self._now(),
             "status": "ENABLED",
         }
+        # What the API server writes into the ScheduledWorkflow it creates: each value as JSON text
+        # (backend/src/apiserver/template/template.go, StringMapToCRDParameters).
+        parameters = (body.get("runtime_config") or {}).get("parameters") or {}
+        recurring["_crd_parameters"] = [{"name": k, "value": json.dumps(v)} for k, v in parameters.items()]
         self.recurring_runs[recurring["recurring_run_id"]] = recurring
-        return recurring
+        return _public(recurring)
 
     def _list_recurring(self, r: Request) -> dict[str, Any]:
         experiment = r.query.get("experiment_id")
         extra = {"experiment_id": experiment} if experiment else None
-        return self._list("recurringRuns", self.recurring_runs.values(), r, extra=extra)
+        listed = self._list("recurringRuns", self.recurring_runs.values(), r, extra=extra)
+        if "recurringRuns" in listed:
+            listed["recurringRuns"] = [_public(item) for item in listed["recurringRuns"]]
+        return listed
+
+    def _delete_recurring(self, recurring_run_id: str) -> dict[str, Any]:
+        if self.recurring_runs.pop(recurring_run_id, None) is None:
+            raise Reject(f"no recurring run {recurring_run_id}", status=404)
+        return {}
+
+    def trigger(self, recurring_run_id: str) -> dict[str, Any]:
+        """One cron tick, as KFP's ScheduledWorkflow controller does it: the run's parameters are the
+        CRD's values parsed as JSON; a value that does not parse fails the tick (raises ValueError)."""
+        recurring = self.recurring_runs[recurring_run_id]
+        parameters = {p["name"]: json.loads(p["value"]) for p in recurring["_crd_parameters"]}
+        with self._lock:
+            body = {key: value for key, value in recurring.items() if not key.startswith("_")}
+            body |= {"runtime_config": {"parameters": parameters}, "recurring_run_id": recurring_run_id}
+            self._checked_source(body, version_required=False)
+            run = body | {"run_id": str(uuid.uuid4()), "state": "PENDING", "created_at": self._now()}
+            self.runs[run["run_id"]] = run
+        return run
+
+
+_JSON_TYPES: dict[str, Any] = {
+    "STRING": lambda v: isinstance(v, str),
+    "NUMBER_INTEGER": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "NUMBER_DOUBLE": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "BOOLEAN": lambda v: isinstance(v, bool),
+    "LIST": lambda v: isinstance(v, list),
+    "STRUCT": lambda v: isinstance(v, dict),
+}
+"""The JSON value each declared parameter type accepts (KFP's driver checks the same at run time)."""
+
+
+def _public(item: dict[str, Any]) -> dict[str, Any]:
+    """An object as the API returns it, without the fake's bookkeeping (`_` keys)."""
+    return {key: value for key, value in item.items() if not key.startswith("_")}
 
 
 def _json_body(r: Request) -> dict[str, Any]:
@@ -352,7 +401,7 @@ def _handler_for(fake: FakeKfpApi) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
 
-        do_GET = do_POST = _serve
+        do_GET = do_POST = do_DELETE = _serve
 
         def log_message(self, format: str, *args: Any) -> None:  # keep pytest output clean
             pass

@@ -85,36 +85,53 @@ def free_port() -> int:
 # --- upload ------------------------------------------------------------------------------------
 
 
-def test_upload_creates_the_pipeline_then_a_named_version_and_skips_unchanged_content(
+def test_upload_creates_the_pipeline_empty_then_versions_named_by_content(
     fake: FakeKfpApi, ops: PipelineOps, tmp_path: Path
 ) -> None:
     first = compile_tiny(tmp_path / "v1.yaml", "hi")
+    first_name = f"{__version__}-{hashlib.sha256(first.read_bytes()).hexdigest()[:10]}"
     created = ops.upload(first, pipeline_name="tiny", description="Safe RLHF-V")
-    assert created.action == "created pipeline"
-    (upload,) = fake.calls("POST", "/pipelines/upload")
-    assert upload.query["name"] == "tiny" and upload.query["description"] == "Safe RLHF-V"
-    assert upload.files["uploadfile"] == first.read_bytes()
-    assert created.version_name == "tiny"  # the server names a new pipeline's first version after it
+    assert (created.action, created.version_name) == ("created pipeline", first_name)
+    (create,) = fake.calls("POST", "/pipelines")
+    assert create.json == {"display_name": "tiny", "description": "Safe RLHF-V"}
+    (version_upload,) = fake.calls("POST", "/pipelines/upload_version")
+    assert version_upload.query == {
+        "name": first_name,
+        "pipelineid": created.pipeline_id,
+        "description": "Safe RLHF-V",
+    }
+    assert version_upload.files["uploadfile"] == first.read_bytes()
+
+    # The same spec again, also right after the pipeline was created: no second copy of it.
+    again = ops.upload(first, pipeline_name="tiny")
+    assert (again.action, again.version_id) == ("already uploaded", created.version_id)
+    assert len(fake.versions) == 1
 
     second = compile_tiny(tmp_path / "v2.yaml", "hello")
-    expected_name = f"{__version__}-{hashlib.sha256(second.read_bytes()).hexdigest()[:10]}"
     added = ops.upload(second, pipeline_name="tiny")
+    expected_name = f"{__version__}-{hashlib.sha256(second.read_bytes()).hexdigest()[:10]}"
     assert (added.action, added.version_name, added.pipeline_id) == (
         "new version",
         expected_name,
         created.pipeline_id,
     )
-    (version_upload,) = fake.calls("POST", "/pipelines/upload_version")
-    assert version_upload.query == {"name": expected_name, "pipelineid": created.pipeline_id}
-    assert version_upload.files["uploadfile"] == second.read_bytes()
-
-    again = ops.upload(second, pipeline_name="tiny")
-    assert (again.action, again.version_id) == ("already uploaded", added.version_id)
-    assert len(fake.calls("POST", "/pipelines/upload_version")) == 1
-    assert len(fake.versions) == 2
+    assert len(fake.calls("POST", "/pipelines")) == 1 and len(fake.versions) == 2
     stored = fake.versions[added.version_id]["pipeline_spec"]
     assert set(stored) == {"pipeline_spec", "platform_spec"}  # the platform spec (secrets) went up too
     assert fake.problems == []
+
+
+def test_upload_reuses_a_pipeline_another_upload_created_meanwhile(
+    fake: FakeKfpApi, ops: PipelineOps, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = PipelineOps.connect(fake.url)
+    package = compile_tiny(tmp_path / "v1.yaml")
+    first_lookup = iter([None])
+    monkeypatch.setattr(ops, "pipeline_id", lambda name: next(first_lookup, other.pipeline_id(name)))
+    other.upload(package, pipeline_name="tiny")  # wins the race between the lookup and the create
+    done = ops.upload(package, pipeline_name="tiny")
+    assert done.action == "already uploaded" and len(fake.pipelines) == 1 and len(fake.versions) == 1
+    assert [p for p in fake.problems if "already exists" not in p] == []
 
 
 def test_upload_command_compiles_the_real_pipeline_under_the_configs_name(
@@ -124,15 +141,18 @@ def test_upload_command_compiles_the_real_pipeline_under_the_configs_name(
     monkeypatch.setenv("KFP_HOST", fake.url)
     cfg = load_config(default_config_path())
     assert main(["upload"]) == 0
-    (upload,) = fake.calls("POST", "/pipelines/upload")
+    (create,) = fake.calls("POST", "/pipelines")
+    (upload,) = fake.calls("POST", "/pipelines/upload_version")
     spec = next(yaml.safe_load_all(upload.files["uploadfile"]))
-    assert upload.query["name"] == spec["pipelineInfo"]["name"] == cfg.name
+    assert create.json["display_name"] == spec["pipelineInfo"]["name"] == cfg.name
     assert "data_uri" in spec["root"]["inputDefinitions"]["parameters"]  # the UI form's data set URI
     assert f"created pipeline: pipeline {next(iter(fake.pipelines))}" in capsys.readouterr().out
 
+    assert main(["upload"]) == 0
+    assert "already uploaded" in capsys.readouterr().out
     assert main(["upload", "--version-name", "hand-named"]) == 0
-    (version_upload,) = fake.calls("POST", "/pipelines/upload_version")
-    assert version_upload.query["name"] == "hand-named"
+    assert fake.calls("POST", "/pipelines/upload_version")[-1].query["name"] == "hand-named"
+    assert len(fake.versions) == 2
     assert fake.problems == []
 
 
@@ -161,9 +181,10 @@ def test_submit_runs_the_latest_version_with_the_file_parameters_in_an_experimen
             "pipeline_id": next(iter(fake.pipelines)),
             "pipeline_version_id": latest,
         },
-        "runtime_config": {"parameters": {"text": "bye", "times": 3, "ratio": 1, "variants": ["x", "y"]}},
+        "runtime_config": {"parameters": {"text": "bye", "times": 3, "ratio": 1.0, "variants": ["x", "y"]}},
         "service_account": "runner",
     }
+    assert isinstance(create.json["runtime_config"]["parameters"]["ratio"], float)  # NUMBER_DOUBLE
     assert run_id in fake.runs
 
     ops.submit(pipeline_name="tiny", params={}, experiment="retrain")
@@ -187,6 +208,23 @@ def test_submit_rejects_unknown_or_mistyped_parameters_listing_the_pipeline_para
         "times (NUMBER_INTEGER), variants (LIST)"
     ) in message
     assert fake.calls("POST", "/runs") == [] and fake.calls("POST", "/experiments") == []
+
+
+def test_parameters_that_json_cannot_carry_are_rejected_by_name(
+    fake: FakeKfpApi, ops: PipelineOps, uploaded: Callable[[str], str], tmp_path: Path
+) -> None:
+    uploaded("hi")
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("variants: [2026-01-01]\n")  # YAML reads an unquoted date as a date
+    with pytest.raises(
+        KfpOpsError, match=r"^parameter variants: \[datetime\.date\(2026, 1, 1\)\] \(list\) is not"
+    ):
+        ops.submit(pipeline_name="tiny", params=read_params(params_file), experiment="e")
+    with pytest.raises(KfpOpsError, match=r"^parameter ratio: nan \(float\) is not a JSON value"):
+        ops.schedule(
+            pipeline_name="tiny", cron="0 3 * * 0", name="w", params={"ratio": float("nan")}, experiment="e"
+        )
+    assert fake.calls("POST", "/runs") == [] and fake.calls("POST", "/recurringruns") == []
 
 
 def test_parameters_without_a_default_are_required() -> None:
@@ -229,28 +267,76 @@ def test_schedule_creates_one_enabled_recurring_run_that_follows_the_latest_vers
     fake: FakeKfpApi, ops: PipelineOps, uploaded: Callable[[str], str]
 ) -> None:
     uploaded("hi")
-    recurring_id = ops.schedule(
+    done = ops.schedule(
         pipeline_name="tiny",
         cron="0 3 * * 0",
         name="weekly",
-        params={"times": 5},
+        params={"times": 5, "text": "s3://bucket/data"},
         experiment="retrain",
         service_account="runner",
     )
+    assert (done.action, done.status) == ("created", "ENABLED")
     (create,) = fake.calls("POST", "/recurringruns")
     body = create.json
     assert body["trigger"] == {"cron_schedule": {"cron": "0 0 3 * * 0"}}
     assert (body["max_concurrency"], body["no_catchup"], body["mode"]) == ("1", True, "ENABLE")
     assert body["pipeline_version_reference"] == {"pipeline_id": next(iter(fake.pipelines))}
-    assert body["runtime_config"] == {"parameters": {"times": 5}}
+    assert body["runtime_config"] == {"parameters": {"times": 5, "text": "s3://bucket/data"}}
     assert (body["display_name"], body["experiment_id"]) == ("weekly", next(iter(fake.experiments)))
     assert body["service_account"] == "runner", "runs need the account that may create TrainJobs"
-    assert recurring_id in fake.recurring_runs
 
-    with pytest.raises(KfpOpsError, match=rf"recurring run weekly already exists .* \(id {recurring_id}\)"):
-        ops.schedule(pipeline_name="tiny", cron="0 3 * * 0", name="weekly", params={}, experiment="retrain")
-    assert len(fake.calls("POST", "/recurringruns")) == 1
+    # A cron tick parses each stored value as JSON, as KFP's controller does: the URI survives.
+    latest = uploaded("hello")
+    run = fake.trigger(done.recurring_run_id)
+    assert run["runtime_config"]["parameters"] == {"times": 5, "text": "s3://bucket/data"}
+    assert fake.problems == [] and latest in fake.versions
+
+
+def test_schedule_is_idempotent_and_replaces_a_schedule_whose_settings_changed(
+    fake: FakeKfpApi, ops: PipelineOps, uploaded: Callable[[str], str]
+) -> None:
+    uploaded("hi")
+    weekly = {"pipeline_name": "tiny", "name": "weekly", "experiment": "retrain", "service_account": "runner"}
+    first = ops.schedule(cron="0 3 * * 0", params={"times": 5}, **weekly)
+    uploaded("hello")  # a new version does not change the schedule: it names no version
+    again = ops.schedule(cron="0 3 * * 0", params={"times": 5}, **weekly)
+    assert (again.action, again.recurring_run_id) == ("unchanged", first.recurring_run_id)
+    assert (
+        len(fake.calls("POST", "/recurringruns")) == 1
+        and fake.calls("DELETE", f"/recurringruns/{first.recurring_run_id}") == []
+    )
+
+    changed = ops.schedule(cron="0 4 * * 0", params={"times": 5}, **weekly)
+    assert changed.action == "replaced" and changed.recurring_run_id != first.recurring_run_id
+    assert list(fake.recurring_runs) == [changed.recurring_run_id]
+    assert fake.recurring_runs[changed.recurring_run_id]["trigger"] == {
+        "cron_schedule": {"cron": "0 0 4 * * 0"}
+    }
+    ops.schedule(cron="0 4 * * 0", params={"times": 6}, **weekly)
+    assert len(fake.recurring_runs) == 1
+
+    # Duplicates left by an older tool are cleaned up; the one with these settings is kept.
+    kept = next(iter(fake.recurring_runs))
+    fake.recurring_runs["dup"] = fake.recurring_runs[kept] | {"recurring_run_id": "dup", "description": ""}
+    assert ops.schedule(cron="0 4 * * 0", params={"times": 6}, **weekly).recurring_run_id == kept
+    assert list(fake.recurring_runs) == [kept]
+    other = ops.schedule(cron="0 4 * * 0", params={"times": 6}, **(weekly | {"name": "nightly"}))
+    assert other.action == "created" and len(fake.recurring_runs) == 2
     assert fake.problems == []
+
+
+def test_schedule_command_says_what_it_did(
+    fake: FakeKfpApi, uploaded: Callable[[str], str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    uploaded("hi")
+    argv = ["schedule", "--host", fake.url, "--pipeline-name", "tiny", "--cron", "0 3 * * 0"]
+    assert main(argv) == 0
+    created = capsys.readouterr().out.splitlines()[-1]
+    assert created.startswith("recurring run created: ") and "(ENABLED; cron 0 0 3 * * 0" in created
+    assert main(argv) == 0
+    kept = capsys.readouterr().out.splitlines()[-1]
+    assert kept.startswith(f"recurring run unchanged: {next(iter(fake.recurring_runs))}")
+    assert [r["display_name"] for r in fake.recurring_runs.values()] == ["tiny-retrain"]
 
 
 @pytest.mark.parametrize(
@@ -319,6 +405,22 @@ def test_token_is_sent_as_bearer_and_never_printed(
     assert token not in captured.out + captured.err
 
 
+def test_a_pod_authenticates_with_its_projected_service_account_token(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("projected-token-1")
+    monkeypatch.delenv("KFP_TOKEN", raising=False)
+    monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(token_file))
+    with FakeKfpApi(token="projected-token-1") as fake:
+        ops = PipelineOps.connect(fake.url)
+        ops.recent_runs()
+        token_file.write_text("projected-token-2")  # the kubelet rotated it
+        fake.token = "projected-token-2"
+        ops.recent_runs()
+        assert fake.problems == []
+
+
 def test_missing_and_unreachable_hosts_are_clear_errors(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -339,8 +441,9 @@ def test_api_errors_name_the_request_and_the_server_message(
     not_a_pipeline.write_text("notes: not a pipeline\n")
     with pytest.raises(KfpOpsError) as caught:
         ops.upload(not_a_pipeline, pipeline_name="tiny")
+    digest = hashlib.sha256(not_a_pipeline.read_bytes()).hexdigest()[:10]
     assert str(caught.value) == (
-        f"upload pipeline tiny failed at {fake.url}: HTTP 400 Bad Request: "
+        f"upload version {__version__}-{digest} of tiny failed at {fake.url}: HTTP 400 Bad Request: "
         "uploadfile is not a compiled KFP pipeline spec (pipelineInfo, root, schemaVersion)"
     )
 

@@ -158,6 +158,7 @@ def test_trainjob_for_torch_distributed(monkeypatch: pytest.MonkeyPatch) -> None
     }
     trainer = spec["trainer"]
     assert trainer["numNodes"] == 2 and trainer["image"] == "ghcr.io/safe-rlhf-v/train:0.1.0"
+    assert trainer["numProcPerNode"] == 8  # one rank per GPU, said outright
     # torchrun reads PET_NNODES / PET_NPROC_PER_NODE / PET_NODE_RANK / PET_MASTER_* from the Trainer.
     assert trainer["command"] == ["torchrun", "-m", "safe_rlhf_v.ops.launch"]
     assert trainer["args"] == ["rank", "--", *S3_ARGV]
@@ -191,11 +192,22 @@ def test_trainjob_for_torch_distributed(monkeypatch: pytest.MonkeyPatch) -> None
     ]
 
 
-def test_trainjob_for_deepspeed_mpi_runs_mpirun_on_the_launcher_and_patches_both_jobs() -> None:
-    kube = KUBE.model_copy(update={"trainer_runtime": "deepspeed-distributed", "mlflow_secret": None})
+@pytest.mark.parametrize(
+    "runtime",
+    [
+        {"trainer_runtime": "safe-rlhf-v-deepspeed"},
+        {"trainer_runtime": "deepspeed-distributed"},
+        {"trainer_runtime": "team.deepspeed-h100", "trainer_runtime_policy": "mpi"},
+    ],
+)
+def test_trainjob_for_deepspeed_mpi_runs_mpirun_on_the_launcher_and_patches_both_jobs(
+    runtime: dict[str, str],
+) -> None:
+    kube = KubernetesConfig.model_validate(KUBE.model_dump() | runtime | {"mlflow_secret": None})
     job = render(kube)
     trainer = job["spec"]["trainer"]
-    assert job["spec"]["runtimeRef"]["name"] == "deepspeed-distributed"
+    assert job["spec"]["runtimeRef"]["name"] == runtime["trainer_runtime"]
+    assert trainer["numProcPerNode"] == 8  # the hostfile's slots per node
     assert trainer["command"] == ["python3", "-m", "safe_rlhf_v.ops.launch"]
     plain = ["AWS_ENDPOINT_URL_S3", "MLFLOW_TRACKING_URI", "PYTHONUNBUFFERED", CONFIG_ENV]
     exports = ",".join([*plain, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])
@@ -213,6 +225,32 @@ def test_cpu_only_trainjob_has_no_gpu_requests_or_gpu_scheduling() -> None:
     }
     pod = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
     assert set(pod["template"]["spec"]["template"]["spec"]) == {"volumes", "containers"}
+    # Without it the torch policy's `auto` would start one rank per requested CPU: 8 here.
+    assert job["spec"]["trainer"]["numProcPerNode"] == 1
+
+
+def test_a_custom_runtime_names_its_policy_and_the_torch_entry_follows_it() -> None:
+    kube = KubernetesConfig.model_validate(
+        KUBE.model_dump() | {"trainer_runtime": "torch-h100", "trainer_runtime_policy": "torch"}
+    )
+    trainer = render(kube)["spec"]["trainer"]
+    assert trainer["command"] == ["torchrun", "-m", "safe_rlhf_v.ops.launch"]
+
+
+@pytest.mark.parametrize(
+    ("runtime", "problem"),
+    [
+        ({"trainer_runtime": "Torch_H100"}, r"trainer_runtime 'Torch_H100' is not a DNS-1123 name"),
+        ({"trainer_runtime": "torch-h100"}, r"trainer_runtime_policy must be torch or mpi for runtime"),
+        (
+            {"trainer_runtime": "safe-rlhf-v-deepspeed", "trainer_runtime_policy": "torch"},
+            r"'torch' contradicts runtime 'safe-rlhf-v-deepspeed', whose mlPolicy is mpi",
+        ),
+    ],
+)
+def test_runtime_names_and_policies_are_validated(runtime: dict[str, str], problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        KubernetesConfig.model_validate(runtime)
 
 
 LOCAL_DATA = ["train-reward", "--data", "/s3/bucket/validated"]

@@ -1,17 +1,22 @@
 """Operate the pipeline on a Kubeflow Pipelines server through `kfp.Client` (the v2beta1 REST API).
 
-* `upload`: the compiled YAML becomes a pipeline, or a new version of it, so the UI's "Create run"
-  offers it. Versions are named `<package version>-<content hash>`: uploading an unchanged
-  pipeline again is a no-op instead of a duplicate.
+* `upload`: the compiled YAML becomes a version of the pipeline, so the UI's "Create run" offers
+  it. A missing pipeline is first created empty, so every version, the first included, is named
+  `<package version>-<content hash>`: uploading an unchanged spec again is a no-op, never a
+  duplicate (uploading a new pipeline with its spec would name that first version after the
+  pipeline, and the next upload of the same spec would add it again under its hash).
 * `submit`: one run of the pipeline's latest version, with parameters from a YAML file that are
-  checked against that version's own parameter list before anything is created.
+  checked against that version's own parameter list and sent as JSON values of the declared
+  types, before anything is created.
 * `schedule`: a recurring run that names the pipeline but no version, so every trigger runs the
   latest version at that time (backend >= 2.5, kubeflow/pipelines#11560) and an upload never
-  leaves the schedule on stale code; max concurrency 1, no catch-up, enabled.
+  leaves the schedule on stale code; max concurrency 1, no catch-up, enabled. Idempotent per
+  name and experiment, so a CronJob may run it on every deploy (manifests/base/retrain-cronjob.yaml).
 * `recent_runs`: the newest runs with their states, for a status table.
 
 The host comes from the caller or `KFP_HOST`, a bearer token only from `KFP_TOKEN` (never a flag,
-which would end up in shell history and process listings), and the token is never printed.
+which would end up in shell history and process listings) or, in a pod, from the projected
+service-account token of KFP's audience; the token is never printed.
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ from safe_rlhf_v.errors import UserError
 
 HOST_ENV = "KFP_HOST"
 TOKEN_ENV = "KFP_TOKEN"
+SA_TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
+SA_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
+"""Where a pod's service-account token for the `pipelines.kubeflow.org` audience is projected
+(kfp's own default), used when `KFP_TOKEN` is unset."""
 
 _PYTHON_TYPES: dict[str, tuple[type, ...]] = {
     "STRING": (str,),
@@ -49,6 +58,10 @@ _PYTHON_TYPES: dict[str, tuple[type, ...]] = {
     "STRUCT": (dict,),
 }
 """KFP parameter types and the YAML values each accepts (bool is never a number here)."""
+
+
+SPEC_DIGEST_PREFIX = "settings sha256:"
+"""Marks the digest of a recurring run's settings at the end of its description (see `schedule`)."""
 
 
 class KfpOpsError(UserError, ValueError):
@@ -117,6 +130,15 @@ class Uploaded:
 
 
 @dataclass(frozen=True)
+class Scheduled:
+    """What `schedule` did: created the recurring run, replaced one with other settings, or kept it."""
+
+    recurring_run_id: str
+    action: Literal["created", "replaced", "unchanged"]
+    status: str
+
+
+@dataclass(frozen=True)
 class PipelineVersion:
     """A pipeline version and its run parameters (`root.inputDefinitions.parameters` of its spec)."""
 
@@ -124,6 +146,27 @@ class PipelineVersion:
     version_id: str
     name: str
     parameters: Mapping[str, Mapping[str, Any]]
+
+    def runtime_parameters(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """`params` checked against this version and encoded as the JSON values the API stores.
+
+        The API server keeps each value as JSON and KFP's driver parses it back by the declared
+        type, so a value that JSON cannot carry (a YAML date, NaN) or of another type fails here,
+        naming the parameter, instead of in a run days later. NUMBER_DOUBLE values become floats.
+        """
+        self.check(params)
+        encoded = {}
+        for name, value in params.items():
+            if self.parameters[name].get("parameterType") == "NUMBER_DOUBLE":
+                value = float(value)
+            try:
+                encoded[name] = json.loads(json.dumps(value, allow_nan=False))
+            except (TypeError, ValueError):
+                raise KfpOpsError(
+                    f"parameter {name}: {value!r} ({type(value).__name__}) is not a JSON value; "
+                    "quote it in the parameter file to pass it as a string"
+                ) from None
+        return encoded
 
     def check(self, params: Mapping[str, Any]) -> None:
         """Reject unknown names, missing required parameters and values of the wrong type, all at once."""
@@ -202,9 +245,14 @@ class PipelineOps:
         if not host:
             raise KfpOpsError(f"no Kubeflow Pipelines host: pass --host URL or set {HOST_ENV}")
         token = os.environ.get(TOKEN_ENV) or None
+        credentials = None
+        if token is None and Path(os.environ.get(SA_TOKEN_PATH_ENV, SA_TOKEN_PATH)).is_file():
+            # In a pod (the retrain CronJob): the projected token for KFP's audience, which kfp
+            # re-reads before every request, so the kubelet's rotation never breaks a long call.
+            credentials = kfp.client.ServiceAccountTokenVolumeCredentials()
         with _calling(host, "connect"), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="This client only works with Kubeflow Pipeline")
-            client = kfp.Client(host=host, existing_token=token)
+            client = kfp.Client(host=host, existing_token=token, credentials=credentials)
         return cls(client, host)
 
     def _calling(self, what: str) -> contextlib.AbstractContextManager[None]:
@@ -225,20 +273,16 @@ class PipelineOps:
         version_name: str | None = None,
         description: str | None = None,
     ) -> Uploaded:
-        """Upload `package` as pipeline `pipeline_name`, or as a new version of it.
+        """Upload `package` as a version of pipeline `pipeline_name`, creating the pipeline empty first.
 
-        A new pipeline's first version is named after the pipeline by the server. An existing
-        version of the same name is returned as is: its name carries the content hash.
+        An existing version of the same name is returned as is: the default name carries the
+        content hash, so the same spec is never stored twice.
         """
         version_name = version_name or version_name_for(package)
         pipeline_id = self.pipeline_id(pipeline_name)
+        created = pipeline_id is None
         if pipeline_id is None:
-            with self._calling(f"upload pipeline {pipeline_name}"):
-                pipeline = self.client.upload_pipeline(
-                    str(package), pipeline_name=pipeline_name, description=description
-                )
-            latest = self._latest(pipeline.pipeline_id, pipeline_name)
-            return Uploaded(pipeline.pipeline_id, latest.version_id, latest.name, "created pipeline")
+            pipeline_id = self._create_pipeline(pipeline_name, description)
         with self._calling(f"list versions of {pipeline_name}"):
             found = self.client.list_pipeline_versions(
                 pipeline_id, page_size=1, filter=_name_filter(version_name)
@@ -251,7 +295,20 @@ class PipelineOps:
             version = self.client.upload_pipeline_version(
                 str(package), version_name, pipeline_id=pipeline_id, description=description
             )
-        return Uploaded(pipeline_id, version.pipeline_version_id, version_name, "new version")
+        action: Literal["created pipeline", "new version"] = "created pipeline" if created else "new version"
+        return Uploaded(pipeline_id, version.pipeline_version_id, version_name, action)
+
+    def _create_pipeline(self, pipeline_name: str, description: str | None) -> str:
+        """Create the pipeline with no version; its id. One another upload created meanwhile is reused."""
+        body = kfp_server_api.V2beta1Pipeline(display_name=pipeline_name, description=description)
+        try:
+            with self._calling(f"create pipeline {pipeline_name}"):
+                return self.client.pipelines.pipeline_service_create_pipeline(pipeline=body).pipeline_id
+        except KfpOpsError:
+            pipeline_id = self.pipeline_id(pipeline_name)
+            if pipeline_id is None:
+                raise
+            return pipeline_id
 
     def latest_version(self, pipeline_name: str) -> PipelineVersion:
         """The newest version of the pipeline, with its parameters."""
@@ -296,14 +353,14 @@ class PipelineOps:
     ) -> str:
         """Start a run of the latest version with `params` in `experiment` (created if missing); its id."""
         version = self.latest_version(pipeline_name)
-        version.check(params)
+        parameters = version.runtime_parameters(params)
         experiment_id = self.experiment_id(experiment, create=True)
         name = run_name or f"{pipeline_name} {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S}"
         with self._calling(f"create run {name}"):
             run = self.client.run_pipeline(
                 experiment_id,
                 name,
-                params=dict(params),
+                params=parameters,
                 pipeline_id=version.pipeline_id,
                 version_id=version.version_id,
                 service_account=service_account,
@@ -319,31 +376,51 @@ class PipelineOps:
         params: Mapping[str, Any],
         experiment: str,
         service_account: str | None = None,
-    ) -> str:
-        """Create an enabled recurring run of the pipeline's latest version; returns its id.
+    ) -> Scheduled:
+        """Make sure one enabled recurring run `name` of the pipeline's latest version exists as asked.
 
-        `params` are checked against today's latest version. One schedule per name and experiment:
-        a second would double every retrain, so an existing one is an error.
+        `params` are checked against today's latest version. The API cannot change a recurring run,
+        so its description ends with the digest of its settings: a run of this name and experiment
+        with the same digest is kept (also when someone disabled it, to pause retraining); one with
+        other settings is deleted and created anew, and extra runs of the name are deleted, so
+        repeating the call never doubles a retrain.
         """
         trigger_cron = kfp_cron(cron)
         version = self.latest_version(pipeline_name)
-        version.check(params)
+        parameters = version.runtime_parameters(params)
         experiment_id = self.experiment_id(experiment, create=True)
+        settings = {
+            "pipeline_id": version.pipeline_id,
+            "cron": trigger_cron,
+            "parameters": parameters,
+            "service_account": service_account,
+        }
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        description = (
+            f"Retrain {pipeline_name} on cron {trigger_cron} (latest pipeline version); "
+            f"{SPEC_DIGEST_PREFIX}{digest}"
+        )
         with self._calling(f"list recurring runs named {name}"):
-            existing = self.client.list_recurring_runs(experiment_id=experiment_id, filter=_name_filter(name))
-        if existing.recurring_runs:
-            found = existing.recurring_runs[0].recurring_run_id
-            raise KfpOpsError(
-                f"recurring run {name} already exists in experiment {experiment} (id {found}): "
-                "delete it or pass another --name"
+            listed = self.client.list_recurring_runs(
+                experiment_id=experiment_id, filter=_name_filter(name), page_size=100
             )
+        existing = listed.recurring_runs or []
+        keep = next(
+            (r for r in existing if (r.description or "").endswith(SPEC_DIGEST_PREFIX + digest)), None
+        )
+        for stale in existing:
+            if stale is not keep:
+                with self._calling(f"delete recurring run {name} ({stale.recurring_run_id})"):
+                    self.client.delete_recurring_run(stale.recurring_run_id)
+        if keep is not None:
+            return Scheduled(keep.recurring_run_id, "unchanged", keep.status or "UNKNOWN")
         body = kfp_server_api.V2beta1RecurringRun(
             display_name=name,
-            description=f"Retrain {pipeline_name} on cron {trigger_cron} (latest pipeline version)",
+            description=description,
             pipeline_version_reference=kfp_server_api.V2beta1PipelineVersionReference(
                 pipeline_id=version.pipeline_id
             ),
-            runtime_config=kfp_server_api.V2beta1RuntimeConfig(parameters=dict(params)),
+            runtime_config=kfp_server_api.V2beta1RuntimeConfig(parameters=parameters),
             trigger=kfp_server_api.V2beta1Trigger(
                 cron_schedule=kfp_server_api.V2beta1CronSchedule(cron=trigger_cron)
             ),
@@ -358,7 +435,8 @@ class PipelineOps:
             created = self.client.recurring_runs.recurring_run_service_create_recurring_run(
                 recurring_run=body
             )
-        return created.recurring_run_id
+        action: Literal["created", "replaced"] = "replaced" if existing else "created"
+        return Scheduled(created.recurring_run_id, action, created.status or "ENABLED")
 
     def recent_runs(self, *, limit: int = 10, experiment: str | None = None) -> list[RunRow]:
         """The newest `limit` runs (of one experiment, if named), newest first."""

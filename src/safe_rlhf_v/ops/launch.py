@@ -7,21 +7,27 @@
 * `torchrun` (`gpus > 1`, `nodes == 1`): `run_stage` starts `torchrun --standalone` with one process
   per GPU in this pod, each running the stage's CLI subcommand, and streams their output.
 * `trainjob` (`nodes > 1`): `run_stage` creates a Kubeflow Trainer v2 `TrainJob`
-  (`trainer.kubeflow.org/v1alpha1`) on the runtime named by `KubernetesConfig.trainer_runtime`,
-  polls it until it completes and raises `TrainJobFailed` when it fails, so the KFP task fails too.
+  (`trainer.kubeflow.org/v1alpha1`, Trainer >= v2.2.0: older releases drop `runtimePatches`
+  without a word, and with it `/dev/shm`, the node selector and tolerations) on the runtime named
+  by `KubernetesConfig.trainer_runtime`, polls it until it completes and raises `TrainJobFailed`
+  when it fails, so the KFP task fails too. `numProcPerNode` is always set: the GPUs per node, or
+  1 on CPU nodes (left out, the torch policy would start one rank per requested CPU).
 
 Every training process, whichever launcher started it, runs the same entry point, `safe_rlhf_v.cli`
 with the stage's argv, and `train.distributed.init_distributed` joins the process group from
-RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT. How those variables arise per runtime:
+RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT. How those variables arise per
+runtime policy (`KubernetesConfig.trainer_policy`):
 
-* `torch-distributed`: the Trainer injects PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK,
+* `torch` (`torch-distributed`): the Trainer injects PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK,
   PET_MASTER_ADDR and PET_MASTER_PORT into every node, and `torchrun` (which reads PET_* as its
   defaults) starts one rank per GPU.
-* `deepspeed-distributed` (OpenMPI: node pods run sshd, the launcher pod runs the command): the
-  launcher runs `python3 -m safe_rlhf_v.ops.launch mpirun -- ARGV`, which starts one rank per
-  hostfile slot; each rank runs `python3 -m safe_rlhf_v.ops.launch rank -- ARGV`, which maps
-  OpenMPI's OMPI_COMM_WORLD_* variables to the torch ones. The runtime's node pods must run an
-  image with this package (a ClusterTrainingRuntime derived from `deepspeed-distributed`).
+* `mpi` (`safe-rlhf-v-deepspeed`, OpenMPI: node pods run sshd, the launcher pod runs the command
+  and is a rank itself): the launcher runs `python3 -m safe_rlhf_v.ops.launch mpirun -- ARGV`,
+  which starts one rank per hostfile slot; each rank runs
+  `python3 -m safe_rlhf_v.ops.launch rank -- ARGV`, which maps OpenMPI's OMPI_COMM_WORLD_*
+  variables to the torch ones. The Trainer puts the TrainJob's image on the launcher only, so the
+  runtime's node pods must name an image with this package: manifests/base/trainer-runtime.yaml
+  does (the stock `deepspeed-distributed` does not).
 
 TrainJob pods do not share the component pod's filesystem: stage inputs and outputs must be
 `s3://` URIs, and the pipeline config travels as JSON in the `SAFE_RLHF_V_CONFIG_JSON` variable,
@@ -214,6 +220,7 @@ def trainjob_manifest(
     command, args = _trainjob_entry(stage_argv, kube, [entry["name"] for entry in env_entries])
     trainer: dict[str, Any] = {
         "numNodes": resources.nodes,
+        "numProcPerNode": max(1, resources.gpus),
         "image": image,
         "command": command,
         "args": args,
@@ -267,8 +274,8 @@ def _trainjob_env(
 def _trainjob_entry(
     stage_argv: Sequence[str], kube: KubernetesConfig, env_names: Sequence[str]
 ) -> tuple[list[str], list[str]]:
-    """Command and args of the trainer container for the runtime (see the module docstring)."""
-    if kube.trainer_runtime == "torch-distributed":
+    """Command and args of the trainer container for the runtime's policy (see the module docstring)."""
+    if kube.trainer_policy == "torch":
         return ["torchrun", "-m", "safe_rlhf_v.ops.launch"], ["rank", "--", *stage_argv]
     exports = ",".join(env_names)
     return ["python3", "-m", "safe_rlhf_v.ops.launch"], ["mpirun", "--export", exports, "--", *stage_argv]
@@ -292,7 +299,7 @@ def _runtime_patch(resources: ResourcesConfig, kube: KubernetesConfig) -> dict[s
         if kube.gpu_node_selector:
             pod["nodeSelector"] = dict(kube.gpu_node_selector)
         pod["tolerations"] = [t.model_dump(exclude_none=True) for t in kube.gpu_tolerations]
-    jobs = ["node"] if kube.trainer_runtime == "torch-distributed" else ["node", "launcher"]
+    jobs = ["node"] if kube.trainer_policy == "torch" else ["node", "launcher"]
     replicated = [{"name": job, "template": {"spec": {"template": {"spec": pod}}}} for job in jobs]
     return {
         "manager": PATCH_MANAGER,
