@@ -4,8 +4,9 @@ Six roles: the actor (trained), the reference (frozen copy of the initial actor)
 models (frozen, from `train-reward` / `train-cost`), and the reward and cost critics (trained,
 initialised from the reward and cost models unless configured otherwise). One step:
 
-1. rollout: sample answers to a batch of prompts; score them (reward, cost at the last real token),
-   log-probabilities of actor and reference, values of both critics;
+1. rollout: sample answers to a batch of prompts through the rollout engine (`rollout_engine`,
+   told after every step's actor updates so it samples from the new weights); score them (reward,
+   cost at the last real token), log-probabilities of actor and reference, values of both critics;
 2. per-token signals `r_t = -beta kl_t (+ reward at the end)`, `c_t = +beta kl_t (+ cost at the end)`,
    GAE for each with the response mask;
 3. lambda update from J_C (the mean of the last `window` episode costs, averaged over ranks);
