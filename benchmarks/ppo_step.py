@@ -25,9 +25,11 @@ Peak memory is the process's peak RSS on CPU (`ru_maxrss`, so building the model
 too; the peak before the first step is printed beside it), and `torch.cuda.max_memory_allocated`
 over the measured steps on CUDA.
 
-`--reference-shapes` builds the model size of the issue's reference point (LLaVA: CLIP vision 2 x
-128 at 64 px, patch 16; Llama 4 x 512, 8 heads, FFN 1376), with 4 prompts a step, 32 new tokens,
-fp32 and ZeRO-0, and compares the figures with the reference implementation's.
+`--reference-shapes` builds the reference's measured setup (issue 16): LLaVA with a frozen CLIP
+vision tower 2 x 128 at 64 px, patch 8 (64 image tokens + CLS), FFN 256; Llama 4 x 512, 8 heads,
+FFN 1376; vocabulary 346: 13,634,560 actor parameters; prompts of 119-123 tokens, so sequences of
+151-155 with the answer; 4 prompts a step, 32 new tokens, fp32 and ZeRO-0. It compares the
+figures with the reference implementation's.
 
 Run: `HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/ppo_step.py --help`.
 """
@@ -52,50 +54,60 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from unittest import mock
 
+import datasets
 import torch
 from reward_throughput import DEMO_TOKENIZER_ROWS, peak_rss_mib, select_device
 from torch import nn
-from transformers import AutoProcessor
+from transformers import AutoProcessor, ProcessorMixin
 
 from safe_rlhf_v.config import PPOStageConfig
+from safe_rlhf_v.data.collate import render_prompt
 from safe_rlhf_v.data.synthetic import corpus, generate_records, to_dataset
 from safe_rlhf_v.models.score import ScoreModel
 from safe_rlhf_v.models.tiny import TinyVLMSpec, build_tiny_vlm
 
 if TYPE_CHECKING:  # the train package imports deepspeed, which must wait for select_device
     from safe_rlhf_v.train.ppo_lagrangian import PPOLagrangianTrainer, PPOModels
+    from safe_rlhf_v.train.rollout import Samples
 
 
 @dataclasses.dataclass(frozen=True)
 class ReferencePoint:
-    """The public reference implementation on the issue's shapes, on a 2-core CPU machine."""
+    """The public reference implementation as issue 16 measured it, beside this project, on a 2-core
+    CPU host without AVX-512: its shapes, and its step time and peak RSS there. Its time on another
+    host is unknown (only ratios measured together mean anything), so the goal it sets is printed
+    next to the host's CPU."""
 
-    params: int = 13_600_000
+    params: int = 13_634_560  # the actor, every weight counted (the vision tower's too)
+    sequence_tokens: tuple[int, int] = (151, 155)  # counted prompt + answer tokens, min and max
     prompts: int = 4
     max_new_tokens: int = 32
-    seconds_per_step: float = 2.26
-    samples_per_s: float = 1.8
-    peak_memory_gb: float = 1.5
+    seconds_per_step: float = 4.15
+    peak_memory_mib: float = 1_527.0
     speedup_goal: float = 2.0
 
 
 REFERENCE = ReferencePoint()
-# The issue gives CLIP's depth and width only; 4 heads and a 4x FFN are CLIP's own proportions.
+# CLIP 2 x 128 with patch 8 at 64 px (64 image tokens + CLS), FFN 256 and 4 heads; Llama 4 x 512,
+# 8 heads, FFN 1376; a 346-token vocabulary. With these the actor has exactly REFERENCE.params.
 REFERENCE_SPEC = TinyVLMSpec(
     image_size=64,
-    patch_size=16,
+    patch_size=8,
     vision_hidden=128,
     vision_layers=2,
     vision_heads=4,
-    vision_ffn=512,
+    vision_ffn=256,
     text_hidden=512,
     text_layers=4,
     text_heads=8,
     text_ffn=1376,
+    vocab_size=346,
 )
-# The reference count is only known to about 0.1 M and its vocabulary is not given; a built
-# model further off than this has the wrong shapes, not just another tokenizer.
-REFERENCE_PARAMS_TOLERANCE = 0.10
+# The reference's prompts are 119-123 tokens (its sequences minus the 32-token answer); the
+# synthetic questions make 98-112 at this vocabulary. This instruction, tokenized almost byte by
+# byte (18 tokens), lengthens every question, and only rows whose prompt then lands in the
+# reference's window are used, so every sequence counts REFERENCE.sequence_tokens.
+REFERENCE_QUESTION_PREFIX = "Please look at the image. "
 # What --reference-shapes fixes; a conflicting value of one of these flags is an error.
 REFERENCE_SETTINGS = {
     "prompts": REFERENCE.prompts,
@@ -109,13 +121,16 @@ DEFAULTS = {"prompts": 4, "max_new_tokens": 32, "precision": "auto", "zero_stage
 
 @dataclasses.dataclass(frozen=True)
 class StepTimes:
-    """One measured PPO step, in seconds, with its mean answer length and the memory peak so far."""
+    """One measured PPO step, in seconds, with its mean answer length, the shortest and longest
+    sequence it trained on (counted prompt + answer tokens) and the memory peak so far."""
 
     data: float
     generate: float
     score: float
     train: float
     generated_length: float
+    min_sequence_tokens: int
+    max_sequence_tokens: int
     peak_memory_mib: float
 
     @property
@@ -129,10 +144,12 @@ class Report:
 
     device: str
     device_name: str
+    host_cpu: str
     torch_threads: int
     omp_wait_policy: str
     model: str
     actor_params: int
+    actor_trained_params: int
     actor_params_without_vocab: int
     all_roles_params: int
     prompts_per_step: int
@@ -152,6 +169,7 @@ class Report:
     samples_per_s: float
     best_samples_per_s: float
     mean_generated_length: float
+    sequence_tokens: tuple[int, int]  # counted prompt + answer tokens over the measured steps
     peak_memory_mib: float
     setup_peak_memory_mib: float | None
     peak_memory_kind: str
@@ -170,7 +188,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--reference-shapes",
         action="store_true",
-        help="the issue's 13.6 M-parameter LLaVA, 4 prompts, 32 new tokens, fp32, ZeRO-0",
+        help="the reference's 13,634,560-parameter LLaVA, 151-155-token sequences, 4 prompts, 32 new "
+        "tokens, fp32, ZeRO-0",
     )
     parser.add_argument("--steps", type=int, default=10, help="measured steps (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="steps run before measuring (default 2)")
@@ -270,6 +289,60 @@ def model_name(args: argparse.Namespace) -> str:
     return f"demo tiny LLaVA, TinyVLMSpec({sizes or 'defaults'})"
 
 
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What a run trains on: the six roles' folders and the prompt rows, with each row's prompt
+    tokens as the sampler counts them (image tokens included, no padding)."""
+
+    models: PPOModels
+    prompts: datasets.Dataset
+    prompt_tokens: list[int]
+
+
+def build_setup(args: argparse.Namespace, root: Path) -> Setup:
+    """The models under `root` and enough prompt rows for every step (and the --count-flops one).
+
+    The tokenizer trains on the synthetic rows' texts as `make-demo-model` does. With
+    --reference-shapes the prompts are lengthened and filtered to the reference's window
+    (`reference_prompts`); the pool holds twice the rows needed, since about half land in it.
+    """
+    needed = args.prompts * (args.warmup + args.steps + 1)
+    pool = 2 * needed if args.reference_shapes else needed
+    records = generate_records(max(DEMO_TOKENIZER_ROWS, pool), seed=args.seed, split="train")
+    models = build_models(root / "models", records, model_spec(args), args.seed)
+    processor = AutoProcessor.from_pretrained(models.actor)
+    if args.reference_shapes:
+        records = reference_prompts(processor, records, needed)
+    return Setup(models, to_dataset(records), [prompt_tokens(processor, record) for record in records])
+
+
+def prompt_tokens(processor: ProcessorMixin, record: dict[str, Any]) -> int:
+    """The real tokens of the row's prompt as `sample` builds it (chat template, image tokens)."""
+    encoded = processor(
+        images=[record["image"]], text=[render_prompt(processor, record["question"])], return_tensors="pt"
+    )
+    return int(encoded["attention_mask"].sum())
+
+
+def reference_prompts(
+    processor: ProcessorMixin, records: list[dict[str, Any]], needed: int
+) -> list[dict[str, Any]]:
+    """The first `needed` rows whose prompt, with `REFERENCE_QUESTION_PREFIX` before the question,
+    plus the forced answer makes a sequence of `REFERENCE.sequence_tokens`."""
+    low, high = (total - REFERENCE.max_new_tokens for total in REFERENCE.sequence_tokens)
+    kept = []
+    for record in records:
+        longer = record | {"question": REFERENCE_QUESTION_PREFIX + record["question"]}
+        if low <= prompt_tokens(processor, longer) <= high:
+            kept.append(longer)
+            if len(kept) == needed:
+                return kept
+    raise SystemExit(
+        f"--reference-shapes found {len(kept)} of the {needed} prompts of {low}-{high} tokens it needs "
+        f"among {len(records)} rows; REFERENCE_QUESTION_PREFIX no longer fits this tokenizer"
+    )
+
+
 def build_models(root: Path, records: list[dict[str, Any]], spec: TinyVLMSpec, seed: int) -> PPOModels:
     """The policy (tokenizer trained on the rows' texts) plus reward and cost models with fresh heads
     on it, which also start the two critics, as the stage does when no critic model is configured."""
@@ -286,7 +359,8 @@ def build_models(root: Path, records: list[dict[str, Any]], spec: TinyVLMSpec, s
 
 def stage_config(args: argparse.Namespace) -> PPOStageConfig:
     """The stage's defaults, with the benchmark's batch geometry, length, ZeRO stage and precision,
-    and the two speed settings when given.
+    and the two speed settings when given; --reference-shapes freezes the actor's vision tower, as
+    the reference does.
 
     Frozen roles follow the trained ones into ZeRO-3 (partitioned) and stay whole otherwise.
     """
@@ -296,6 +370,7 @@ def stage_config(args: argparse.Namespace) -> PPOStageConfig:
         speed["old_log_probs_from"] = args.old_log_probs_from
     if args.sampling_cpu_threads is not None:
         speed["sampling_cpu_threads"] = args.sampling_cpu_threads or None
+    shape = {"actor_freeze_vision_tower": True} if args.reference_shapes else {}
     train = {
         "per_device_batch_size": args.micro_batch,
         "zero_stage": args.zero_stage,
@@ -312,6 +387,7 @@ def stage_config(args: argparse.Namespace) -> PPOStageConfig:
             "frozen_zero_stage": 3 if args.zero_stage == 3 else 0,
         }
         | speed
+        | shape
     )
 
 
@@ -326,14 +402,43 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return sum(sizes.values()), sum(size for key, size in sizes.items() if key not in vocab)
 
 
-def check_reference_params(params: int) -> None:
-    """Stop when --reference-shapes built a model far from the reference's 13.6 M parameters."""
-    off = abs(params - REFERENCE.params) / REFERENCE.params
-    if off > REFERENCE_PARAMS_TOLERANCE:
+def trained_params(model: nn.Module) -> int:
+    """Parameters the optimizer updates (full sizes under ZeRO-3)."""
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters() if p.requires_grad)
+
+
+def check_reference_actor(params: int, trained: int, vision_params: int) -> None:
+    """Stop when --reference-shapes did not build the reference's actor: its exact parameter count,
+    with the vision tower's weights frozen."""
+    if params != REFERENCE.params:
         raise SystemExit(
-            f"--reference-shapes built an actor of {params:,} parameters, {off:.0%} off the reference's "
+            f"--reference-shapes built an actor of {params:,} parameters, not the reference's "
             f"{REFERENCE.params:,}; REFERENCE_SPEC no longer matches the reference model"
         )
+    if params - trained != vision_params:
+        raise SystemExit(
+            f"--reference-shapes trains {trained:,} of {params:,} actor parameters; the reference freezes "
+            f"exactly the vision tower's {vision_params:,}"
+        )
+
+
+def host_cpu() -> str:
+    """The host CPU's model and the extensions that decide its matrix speed (AVX2, AVX-512, AMX),
+    from /proc/cpuinfo: CPU figures only compare between runs on the same kind of host."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)  # the last CPU's, like the first's
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    marks = {
+        "avx2": "avx2" in flags,
+        "avx512f": "avx512f" in flags,
+        "amx": any(flag.startswith("amx") for flag in flags),
+    }
+    return f"{model}, {os.cpu_count()} logical CPUs, " + ", ".join(
+        f"{name} {'yes' if present else 'no'}" for name, present in marks.items()
+    )
 
 
 class SampleTimer:
@@ -368,19 +473,17 @@ def count_step_flops(trainer: PPOLagrangianTrainer, rows: list[dict[str, Any]]) 
     way `SampleTimer` wraps it. The step also trains, so it runs after the measured ones."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from safe_rlhf_v.train import ppo_lagrangian
-
-    sample = ppo_lagrangian.sample
+    sample = trainer.engine.sample
     counted: dict[str, float] = {}
 
-    def counting_sample(*args: Any, **kwargs: Any) -> Any:
+    def counting_sample(*args: Any, **kwargs: Any) -> Samples:
         with FlopCounterMode(display=False) as inner:
             result = sample(*args, **kwargs)
         counted["generate"] = inner.get_total_flops() / 1e9
         return result
 
     with (
-        mock.patch.object(ppo_lagrangian, "sample", counting_sample),
+        mock.patch.object(trainer.engine, "sample", counting_sample),
         FlopCounterMode(display=False) as outer,
     ):
         rollout = trainer.rollout(rows)  # the outer mode sees the sampler's work too
@@ -397,16 +500,14 @@ def run_steps(trainer: PPOLagrangianTrainer, args: argparse.Namespace) -> tuple[
 
     Returns the measured steps and the memory peak before the first step.
     """
-    from safe_rlhf_v.train import ppo_lagrangian
-
     cuda = trainer.dist.device.type == "cuda"
     synchronize = torch.cuda.synchronize if cuda else (lambda: None)
     setup_peak = peak_memory_mib(cuda)
     trainer.stream.sampler.set_epoch(0)
     order = list(trainer.stream.sampler)
     measured: list[StepTimes] = []
-    timer = SampleTimer(ppo_lagrangian.sample, synchronize)
-    with mock.patch.object(ppo_lagrangian, "sample", timer):
+    timer = SampleTimer(trainer.engine.sample, synchronize)
+    with mock.patch.object(trainer.engine, "sample", timer):
         for step in range(args.warmup + args.steps):
             if cuda and step == args.warmup:
                 torch.cuda.reset_peak_memory_stats()
@@ -420,19 +521,22 @@ def run_steps(trainer: PPOLagrangianTrainer, args: argparse.Namespace) -> tuple[
             t2 = time.perf_counter()
             if timer.calls != 1:
                 raise RuntimeError(
-                    f"rollout() called ppo_lagrangian.sample {timer.calls} times, not once: the "
-                    "trainer no longer samples through that name, so generation cannot be timed"
+                    f"rollout() called trainer.engine.sample {timer.calls} times, not once: the "
+                    "trainer no longer samples through its engine, so generation cannot be timed"
                 )
             metrics = trainer.train_step(rollout)
             synchronize()
             t3 = time.perf_counter()
             trainer.step += 1  # as train() does: the lambda update's delay counts steps
+            sequence_tokens = rollout.inputs["attention_mask"].sum(dim=1)
             times = StepTimes(
                 data=t1 - t0,
                 generate=timer.seconds,
                 score=t2 - t1 - timer.seconds,
                 train=t3 - t2,
                 generated_length=metrics["generated_length"],
+                min_sequence_tokens=int(sequence_tokens.min()),
+                max_sequence_tokens=int(sequence_tokens.max()),
                 peak_memory_mib=peak_memory_mib(cuda),
             )
             print(format_step(step, args, times), flush=True)
@@ -446,7 +550,8 @@ def format_step(step: int, args: argparse.Namespace, t: StepTimes) -> str:
     return (
         f"{label} {step + 1:>3}  {t.total:7.3f} s = data {t.data:.3f} + generate {t.generate:.3f} + "
         f"score {t.score:.3f} + train {t.train:.3f}  |  {args.prompts / t.total:6.2f} samples/s  |  "
-        f"answer {t.generated_length:.1f} tokens  |  peak {t.peak_memory_mib:,.0f} MiB"
+        f"answer {t.generated_length:.1f} tokens, sequences {t.min_sequence_tokens}-"
+        f"{t.max_sequence_tokens}  |  peak {t.peak_memory_mib:,.0f} MiB"
     )
 
 
@@ -463,14 +568,11 @@ def run(args: argparse.Namespace, root: Path) -> Report:
     from safe_rlhf_v.train.ppo_lagrangian import PPOLagrangianTrainer
 
     steps = args.warmup + args.steps
-    rows = max(DEMO_TOKENIZER_ROWS, args.prompts * (steps + 1))  # + the --count-flops step
-    records = generate_records(rows, seed=args.seed, split="train")
-    prompts = to_dataset(records)
-    models = build_models(root / "models", records, model_spec(args), args.seed)
+    setup = build_setup(args, root)
     trainer = PPOLagrangianTrainer(
         stage_config(args),
-        models,
-        prompts,
+        setup.models,
+        setup.prompts,
         variant="safe-rlhf-v",
         checkpoint_dir=root / "checkpoints",
         checkpoint_key=ephemeral_key(),
@@ -482,8 +584,9 @@ def run(args: argparse.Namespace, root: Path) -> Report:
         )
     actor = trainer.roles.actor.module
     actor_params, actor_core = count_params(actor)
+    actor_trained = trained_params(actor)
     if args.reference_shapes:
-        check_reference_params(actor_params)
+        check_reference_actor(actor_params, actor_trained, count_params(actor.base_model.vision_tower)[0])
     if not args.natural_length:
         actor.generation_config.min_new_tokens = args.max_new_tokens
     roles = trainer.roles
@@ -499,11 +602,13 @@ def run(args: argparse.Namespace, root: Path) -> Report:
     best = _by_part(measured, min)
     return Report(
         device=args.device,
-        device_name=torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine()),
+        device_name=torch.cuda.get_device_name() if cuda else "the host CPU",
+        host_cpu=host_cpu(),
         torch_threads=torch.get_num_threads(),
         omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "(unset)"),
         model=model_name(args),
         actor_params=actor_params,
+        actor_trained_params=actor_trained,
         actor_params_without_vocab=actor_core,
         all_roles_params=sum(count_params(engine.module)[0] for engine in engines),
         prompts_per_step=args.prompts,
@@ -523,6 +628,10 @@ def run(args: argparse.Namespace, root: Path) -> Report:
         samples_per_s=args.prompts / mean["total"],
         best_samples_per_s=args.prompts / best["total"],
         mean_generated_length=statistics.fmean(t.generated_length for t in measured),
+        sequence_tokens=(
+            min(t.min_sequence_tokens for t in measured),
+            max(t.max_sequence_tokens for t in measured),
+        ),
         peak_memory_mib=peak_memory_mib(cuda),
         setup_peak_memory_mib=None if cuda else setup_peak,
         peak_memory_kind="torch.cuda.max_memory_allocated" if cuda else "process peak RSS (ru_maxrss)",
@@ -553,9 +662,12 @@ def format_report(r: Report, reference: bool) -> str:
     lines = [
         f"device        {r.device} ({r.device_name}), torch threads {r.torch_threads}, "
         f"OMP_WAIT_POLICY {r.omp_wait_policy}",
+        f"host CPU      {r.host_cpu}",
         f"model         {r.model}",
-        f"parameters    actor {r.actor_params:,} ({r.actor_params_without_vocab:,} without token embeddings "
-        f"and LM head); six roles {r.all_roles_params:,}",
+        f"parameters    actor {r.actor_params:,}, {r.actor_trained_params:,} of them trained "
+        f"({r.actor_params_without_vocab:,} without token embeddings and LM head); six roles "
+        f"{r.all_roles_params:,}",
+        f"sequences     {r.sequence_tokens[0]}-{r.sequence_tokens[1]} tokens (prompt + answer, counted)",
         f"setup         {r.prompts_per_step} prompts/step, micro-batch {r.micro_batch}, "
         f"{r.max_new_tokens} new tokens ({length}), ZeRO-{r.zero_stage}, {r.precision}, "
         f"{r.steps} steps measured after {r.warmup} warmup",
@@ -578,15 +690,19 @@ def format_report(r: Report, reference: bool) -> str:
         ]
     if reference:
         goal = REFERENCE.seconds_per_step / REFERENCE.speedup_goal
-        memory_limit_mib = REFERENCE.peak_memory_gb * 1e9 / 2**20
         fast = r.mean["total"] <= goal
-        small = r.peak_memory_mib <= memory_limit_mib
+        small = r.peak_memory_mib <= REFERENCE.peak_memory_mib
+        low, high = REFERENCE.sequence_tokens
+        shaped = low <= r.sequence_tokens[0] and r.sequence_tokens[1] <= high
         lines += [
-            f"reference     {REFERENCE.seconds_per_step} s/step, {REFERENCE.samples_per_s} samples/s, "
-            f"{REFERENCE.peak_memory_gb} GB ({memory_limit_mib:,.0f} MiB) peak",
+            f"reference     {REFERENCE.params:,} actor parameters, sequences {low}-{high} tokens: "
+            f"{'matched' if shaped and r.actor_params == REFERENCE.params else 'MISMATCH'}",
+            f"reference     {REFERENCE.seconds_per_step} s/step, "
+            f"{REFERENCE.peak_memory_mib:,.0f} MiB peak RSS, measured beside this project on a "
+            "2-core host without AVX-512 (issue 16); on another host only a side-by-side run compares",
             f"speed-up      {REFERENCE.seconds_per_step / r.mean['total']:.2f}x on the mean step, "
             f"{REFERENCE.seconds_per_step / r.best['total']:.2f}x on the best",
-            f"goal          <= {goal:.2f} s/step at <= {REFERENCE.peak_memory_gb} GB: "
+            f"goal          <= {goal:.3f} s/step at <= {REFERENCE.peak_memory_mib:,.0f} MiB: "
             f"time {'met' if fast else 'NOT met'}, memory {'met' if small else 'NOT met'}",
         ]
     return "\n".join(lines)

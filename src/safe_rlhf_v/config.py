@@ -259,6 +259,9 @@ class PPOStageConfig(StrictModel):
     """Initial cost critic; None: the cost model from `train-cost` (honoured, unlike the reference code)."""
     actor_lora: LoraSettings | None = None
     """LoRA on the actor; None trains every actor parameter. The saved policy has the adapters merged."""
+    actor_freeze_vision_tower: bool = False
+    """Keep the actor's image encoder fixed, as the reference Safe RLHF-V runs do; its projector and
+    language model still train. False trains the tower too. The critics' towers are always frozen."""
     frozen_zero_stage: Literal[0, 3] = 0
     """Reference, reward and cost models: 0 (a full copy per process) or 3 (partitioned)."""
     eval_prompts: int = Field(default=64, ge=1)

@@ -4,8 +4,9 @@ Six roles: the actor (trained), the reference (frozen copy of the initial actor)
 models (frozen, from `train-reward` / `train-cost`), and the reward and cost critics (trained,
 initialised from the reward and cost models unless configured otherwise). One step:
 
-1. rollout: sample answers to a batch of prompts; score them (reward, cost at the last real token),
-   log-probabilities of actor and reference, values of both critics;
+1. rollout: sample answers to a batch of prompts through the rollout engine (`rollout_engine`,
+   told after every step's actor updates so it samples from the new weights); score them (reward,
+   cost at the last real token), log-probabilities of actor and reference, values of both critics;
 2. per-token signals `r_t = -beta kl_t (+ reward at the end)`, `c_t = +beta kl_t (+ cost at the end)`,
    GAE for each with the response mask;
 3. lambda update from J_C (the mean of the last `window` episode costs, averaged over ranks);
@@ -35,12 +36,13 @@ from typing import Any
 import datasets
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForImageTextToText, ProcessorMixin
+from transformers import AutoModelForImageTextToText, PreTrainedModel, ProcessorMixin
 
 from safe_rlhf_v.config import ConfigError, PPOStageConfig
 from safe_rlhf_v.data.collate import SupervisedCollator
 from safe_rlhf_v.data.ground_truth import TruthVerdict, judge
 from safe_rlhf_v.evaluate.metrics import win_rate
+from safe_rlhf_v.models.family import family_of
 from safe_rlhf_v.models.loading import ModelFolderError, load_model, load_processor
 from safe_rlhf_v.models.score import ScoreModel
 from safe_rlhf_v.records import Variant
@@ -83,6 +85,7 @@ from safe_rlhf_v.train.rollout import (
     stochastic_forward,
     token_log_probs,
 )
+from safe_rlhf_v.train.rollout_engine import HFEngine, PromptBatch, RolloutEngine
 
 log = get_logger(__name__)
 PTX_MAX_LENGTH = 4096  # PTX rows are instruction data: their prompts plus answers fit well inside this
@@ -120,6 +123,37 @@ def prompt_table(dataset: datasets.Dataset) -> datasets.Dataset:
     return dataset.select_columns(keep)
 
 
+def freeze_vision_tower(policy: PreTrainedModel) -> PreTrainedModel:
+    """Stop gradients into `policy`'s image encoder but not into its projector, which Qwen-VL keeps
+    inside the tower (its patch merger): the same split the score stages freeze, so that "frozen vision
+    tower" means one thing for every family. Returns `policy`."""
+    family = family_of(policy.config)
+    base = policy.base_model  # where the family's module names are rooted, as in the score backbones
+    towers = [name for name in family.vision_tower if _has_submodule(base, name)]
+    if not towers:
+        raise ValueError(
+            f"cannot freeze the vision tower: {type(policy).__name__} has none of {family.vision_tower}"
+        )
+    projector = {
+        id(param)
+        for name in family.projector
+        if _has_submodule(base, name)
+        for param in base.get_submodule(name).parameters()
+    }
+    for param in base.get_submodule(towers[0]).parameters():
+        if id(param) not in projector:
+            param.requires_grad_(False)
+    return policy
+
+
+def _has_submodule(module: torch.nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
 class Roles:
     """The six models, wrapped for training (Engine) or inference (frozen DeepSpeed engines)."""
 
@@ -132,7 +166,12 @@ class Roles:
                     "rollouts are scored token for token, so train the reward and cost models on the "
                     "policy's base model"
                 )
-        actor = build_for_training(cfg.actor, lambda: load_model(AutoModelForImageTextToText, models.actor))
+
+        def load_actor() -> PreTrainedModel:
+            policy = load_model(AutoModelForImageTextToText, models.actor)
+            return freeze_vision_tower(policy) if cfg.actor_freeze_vision_tower else policy
+
+        actor = build_for_training(cfg.actor, load_actor)
         if cfg.actor_lora is not None:
             lora = cfg.actor_lora
             actor = get_peft_model(
@@ -225,6 +264,17 @@ class PPOLagrangianTrainer:
         self.ptx_collator = (
             SupervisedCollator(self.roles.processor, max_length=PTX_MAX_LENGTH) if ptx is not None else None
         )
+        self.engine: RolloutEngine = HFEngine(
+            self.roles.actor.module,
+            self.roles.processor,
+            cfg.generation,
+            device=self.dist.device,
+            dtype=self.roles.actor.dtype,
+            synced_gpus=cfg.actor.zero_stage == 3 and self.dist.world_size > 1,
+            cpu_threads=cfg.sampling_cpu_threads,
+            with_log_probs=cfg.old_log_probs_from == "generation",
+        )
+        """Samples the rollouts; told after every step's actor updates (`update_weights`)."""
         self.log = MetricsLog(sink, is_main=self.dist.rank == 0)
         self.step = 0
         self.position = Position()
@@ -257,24 +307,8 @@ class PPOLagrangianTrainer:
     def rollout(self, rows: list[dict[str, Any]]) -> Rollout:
         """Sample answers for `rows` and score them with the frozen roles, and with the critics unless
         `reuse_training_forward` leaves that to the training step."""
-        roles, gen = self.roles, self.cfg.generation
-        actor = roles.actor.module
-        actor.eval()
-        samples = sample(
-            actor,
-            roles.processor,
-            [r["image"] for r in rows],
-            [r["question"] for r in rows],
-            max_new_tokens=gen.max_new_tokens,
-            temperature=gen.temperature,
-            top_p=gen.top_p,
-            device=self.dist.device,
-            dtype=roles.actor.dtype,
-            synced_gpus=self.cfg.actor.zero_stage == 3 and self.dist.world_size > 1,
-            cpu_threads=self.cfg.sampling_cpu_threads,
-            with_log_probs=self.cfg.old_log_probs_from == "generation",
-        )
-        actor.train()
+        roles = self.roles
+        samples = self.engine.sample(PromptBatch.from_rows(rows))
         inputs, prompt_length, mask = samples.inputs, samples.prompt_length, samples.response_mask
         tokens = inputs["input_ids"][:, prompt_length:]
         old_log_probs = samples.log_probs
@@ -322,6 +356,7 @@ class PPOLagrangianTrainer:
             signals, metrics = self._update_on_rollout(rollout, lam)
         else:
             signals, metrics = self._update_reusing_forward(rollout, lam)
+        self.engine.update_weights(self.roles.actor.module)
         lengths = mask.sum(dim=1)
         metrics |= {
             "reward": all_reduce_mean(rollout.rewards.mean()),
@@ -485,6 +520,7 @@ class PPOLagrangianTrainer:
         self.position = Position(**state["position"])
         self.multiplier.load_state_dict(state["lagrangian"])
         self.log.records = state["history"]
+        self.engine.update_weights(self.roles.actor.module)  # the restored weights, not the initial ones
         log.info("resumed PPO-Lagrangian at step %d (lambda %.4g)", self.step, self.multiplier.value)
 
     @property
