@@ -590,6 +590,7 @@ def create_app(
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
+        request.state.outcome = f"error {error.code or error.kind}"  # the code, not the client's text
         return error.response()
 
     @app.exception_handler(StarletteHTTPException)
