@@ -386,6 +386,8 @@ def test_serve_refuses_bad_model_folders_before_starting(
     cfg = make_cfg(tmp_path, tiny_model)
     with pytest.raises(ServeError, match="--guard is needed"):
         resolve_served_model(cfg, str(tiny_model))
+    with pytest.raises(ServeError, match="does not exist"):
+        resolve_served_model(cfg, str(tmp_path / "missing"), str(tiny_model))
     with pytest.raises(ServeError, match=r"holds no config\.json"):
         resolve_served_model(cfg, str(tmp_path), str(tiny_model))
     assert main(["serve", "--model", str(tiny_model), "--guard", str(tiny_model), "--port", "0"]) == 2

@@ -65,6 +65,10 @@ _TRACE_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 """An incoming trace id is echoed and logged only if it is this tame: no log or header injection."""
 _DATA_URL_RE = re.compile(r"data:(?P<mime>[\w.+\-]+/[\w.+\-]+)?(?P<params>(?:;[^,;]*)*),(?P<data>.*)", re.S)
 _BODY_SLACK_BYTES = 2**20
+_NO_IMAGE = (
+    "messages[0] has no image: this model answers questions about an image; add a part "
+    "{'type': 'image_url', 'image_url': {'url': 'data:image/png;base64,...'}}"
+)
 
 RefusalLevel = Literal["input_moderation", "output_moderation", "regeneration"]
 
@@ -110,6 +114,10 @@ def _local_folder(uri: str, role: str, cfg: PipelineConfig) -> str:
     from safe_rlhf_v.stages.common import local_model
 
     folder = local_model(uri, cfg.work_dir)
+    if not Path(folder).is_dir():
+        raise ServeError(
+            f"{role} {uri} is neither a model folder nor a models:/ URI: {folder} does not exist"
+        )
     if not (Path(folder) / "config.json").is_file():
         raise ServeError(f"{role} {uri} is not a model folder: {folder} holds no config.json")
     return folder
@@ -383,12 +391,6 @@ def user_turn(messages: list[dict[str, Any]]) -> UserTurn:
             param="messages[0].content",
         )
     return UserTurn(image_url=images[0], question=question)
-
-
-_NO_IMAGE = (
-    "messages[0] has no image: this model answers questions about an image; add a part "
-    "{'type': 'image_url', 'image_url': {'url': 'data:image/png;base64,...'}}"
-)
 
 
 def _preview(value: Any) -> str:
