@@ -291,6 +291,8 @@ def test_malformed_bodies_get_400_or_413_naming_the_problem(lenient_url: str) ->
     assert response.status_code == 413 and "request body" in response.json()["error"]["message"]
     response = requests.get(f"{lenient_url}/v1/nothing-here", timeout=10)
     assert response.status_code == 404 and "/v1/nothing-here" in response.json()["error"]["message"]
+    response = requests.get(f"{lenient_url}/v1/chat/completions", timeout=10)
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
 
 
 def test_trace_ids_are_honoured_when_tame_and_replaced_otherwise(lenient_url: str) -> None:

@@ -151,7 +151,7 @@ def resolve_served_model(
     if guard is None:
         if version is None:
             raise ServeError(
-                f"--guard is needed: {model} is a folder, not a registered policy naming its guard"
+                f"--guard is needed: only a registered policy (models:/...) names its guard, not {model}"
             )
         guard = registry.upstream_version_uri(version, "guard")
         if guard is None:
@@ -597,7 +597,11 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        return APIError(error.status_code, f"{request.method} {request.url.path}: {error.detail}").response()
+        response = APIError(
+            error.status_code, f"{request.method} {request.url.path}: {error.detail}"
+        ).response()
+        response.headers.update(error.headers or {})  # e.g. Allow on a 405
+        return response
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
