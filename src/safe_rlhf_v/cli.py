@@ -183,6 +183,20 @@ def cmd_guarded_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from safe_rlhf_v.serve import run_server
+
+    run_server(
+        _config(args),
+        model=args.model,
+        guard=args.guard,
+        host=args.host,
+        port=args.port,
+        name=args.served_model_name,
+    )
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from safe_rlhf_v.pipelines.local import run_local
     from safe_rlhf_v.summary import format_summary
@@ -415,6 +429,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="at most this many prompts")
     _add_config_args(p)
     p.set_defaults(func=cmd_guarded_generate)
+
+    p = sub.add_parser(
+        "serve", help="OpenAI-compatible chat endpoint for a policy behind the multi-level guardrail"
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="policy folder, s3:// prefix, or models:/NAME@ALIAS | models:/NAME/VERSION",
+    )
+    p.add_argument("--guard", help="guard folder or models:/ URI (default: the registered policy's guard)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument(
+        "--served-model-name", help="model id clients send (default: the registered name or folder name)"
+    )
+    _add_config_args(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("train-ppo-lag", help="stage: Safe RLHF-V PPO-Lagrangian fine-tuning (torchrun-able)")
     p.add_argument("--data", required=True, help="a validate-data output folder (prompts)")

@@ -183,6 +183,20 @@ class GuardrailConfig(StrictModel):
     batch_size: int = Field(default=16, ge=1)
 
 
+class ServeConfig(StrictModel):
+    """`safe-rlhf-v serve`: limits on what one chat request may carry, so one client cannot exhaust
+    the server's memory or hold the model for long (the guardrail's own settings are `guardrail`)."""
+
+    max_image_bytes: int = Field(default=10 * 2**20, ge=1)
+    """Largest decoded image a request may carry; a larger one is answered with HTTP 413. The request
+    body may be up to twice this plus 1 MiB (base64 adds a third, the rest is text and JSON)."""
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1)
+    """Largest image in pixels (width x height): a small compressed file can decode to a huge bitmap."""
+    max_tokens_limit: int = Field(default=1024, ge=1)
+    """Most new tokens a request may ask for (`max_tokens`); the default per request is
+    `guardrail.generation.max_new_tokens`."""
+
+
 class LagrangianConfig(StrictModel):
     """The multiplier of the harm budget `J_C <= threshold` (align-anything defaults)."""
 
@@ -529,6 +543,7 @@ class PipelineConfig(StrictModel):
     train_cost: CostStageConfig = Field(default_factory=CostStageConfig)
     train_guard: GuardStageConfig = Field(default_factory=GuardStageConfig)
     guardrail: GuardrailConfig = Field(default_factory=GuardrailConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     train_ppo_lag: PPOStageConfig = Field(default_factory=PPOStageConfig)
     ablations: list[Ablation] = Field(default_factory=list)
     """PPO ablations trained beside the Safe RLHF-V policy for comparison (`reward-only`,

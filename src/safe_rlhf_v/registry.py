@@ -90,6 +90,8 @@ HARM_JUDGES = (
 
 PIPELINE_RUN_TAG = "pipeline_run_id"
 MODEL_SHA_TAG = "model_sha256"
+UPSTREAM_TAG = "{role}_model_version"
+"""The policy version's tag naming the reward, cost or guard version it was trained and evaluated with."""
 _POLICY_LINEAGE = ("variant", "reward_model_sha256", "cost_model_sha256")
 _RECORD_RE = re.compile(r"^promotion\.(\d+)\.")
 
@@ -328,7 +330,7 @@ def _lineage_tags(lineage: Mapping[str, Any], pipeline_run_id: str, digest: str)
 def _policy_tags(
     upstream: Mapping[str, ModelVersionRef], evaluation: StageResult, evaluation_uri: str
 ) -> dict[str, str]:
-    tags = {f"{role}_model_version": ref.uri for role, ref in upstream.items()}
+    tags = {UPSTREAM_TAG.format(role=role): ref.uri for role, ref in upstream.items()}
     tags |= {key: repr(float(evaluation.metrics[key])) for key in HEADLINE_METRICS}
     tags |= {key: repr(float(evaluation.metrics[key])) for key in JUDGE_METRICS if key in evaluation.metrics}
     tags |= {"variant": MAIN_VARIANT, "evaluation_uri": source_uri(evaluation_uri)}
@@ -798,3 +800,37 @@ def versions_table(rows: list[VersionInfo]) -> str:
             f"{row.pipeline_run_id or '-':<24} {row.source}"
         )
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- resolving
+
+_MODEL_URI_RE = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[^/@]+))")
+
+
+def resolve_version(cfg: PipelineConfig, uri: str) -> ModelVersion:
+    """The version a `models:/NAME@ALIAS` or `models:/NAME/VERSION` URI names, for loading it.
+
+    What a person types to serve "whatever production is now"; the version's `source` is the
+    folder (or `s3://` prefix) to load, and its tags name the upstream models it was evaluated with.
+    """
+    match = _MODEL_URI_RE.fullmatch(uri)
+    if match is None:
+        raise RegistryError(
+            f"{uri!r} is not a model URI: expected models:/NAME@ALIAS or models:/NAME/VERSION"
+        )
+    name, alias = match["name"], match["alias"]
+    client, tracking_uri = client_for(cfg)
+    with tracking.tracking_errors(tracking_uri):
+        aliases = _registered_model_aliases(client, name, tracking_uri)
+        version = match["version"] or aliases.get(alias)
+        if version is None:
+            raise RegistryError(
+                f"registered model {name!r} has no alias {alias!r}; its aliases: "
+                f"{', '.join(f'{a} -> {v}' for a, v in sorted(aliases.items())) or 'none'}"
+            )
+        return _model_version(client, name, version)
+
+
+def upstream_version_uri(version: ModelVersion, role: Role) -> str | None:
+    """The `models:/` URI of the `role` model a policy version was registered with (None if untagged)."""
+    return version.tags.get(UPSTREAM_TAG.format(role=role))
