@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,3 +96,29 @@ def validated_data(tmp_path_factory: pytest.TempPathFactory, demo_data: Path, ti
     out = work / "validated"
     validate_data.run(cfg, str(out), pipeline_run_id="fixture")
     return out
+
+
+@pytest.fixture
+def silent_endpoint() -> Iterator[str]:
+    """An HTTP URL on loopback whose server accepts every connection and never sends a byte: what a
+    hung S3 or MLflow endpoint looks like to a client."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for connection in held:
+        connection.close()
+    server.close()

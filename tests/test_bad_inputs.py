@@ -16,8 +16,6 @@ import errno
 import hashlib
 import shutil
 import socket
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,32 +160,7 @@ def file_digests(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def silent_port() -> Iterator[int]:
-    """A loopback TCP server that accepts connections and never answers."""
-    server = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
-    held: list[socket.socket] = []
-
-    def accept() -> None:
-        server.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                held.append(server.accept()[0])
-            except TimeoutError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield int(server.getsockname()[1])
-    stop.set()
-    thread.join()
-    for connection in held:
-        connection.close()
-    server.close()
-
-
-@pytest.fixture
-def world(tmp_path: Path, demo_data: Path, validated_data: Path, silent_port: int) -> dict[str, str]:
+def world(tmp_path: Path, demo_data: Path, validated_data: Path, silent_endpoint: str) -> dict[str, str]:
     """The user's files, good and bad, by template name."""
     data = tmp_path / "data"
     shutil.copytree(demo_data, data)
@@ -227,7 +200,7 @@ def world(tmp_path: Path, demo_data: Path, validated_data: Path, silent_port: in
         "no_config": str(no_config),
         "not_image": str(tmp_path / "not-image.png"),
         "image": str(tmp_path / "image.png"),
-        "silent": f"http://127.0.0.1:{silent_port}",
+        "silent": silent_endpoint,
         "closed": str(closed),
     }
 

@@ -29,9 +29,12 @@ def guard_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, valida
         )
     )
     out = work / "guard"
+    before = {p: p.read_bytes() for p in validated_data.rglob("*") if p.is_file()}
     assert (
         main(["train-guard", "--config", str(config), "--data", str(validated_data), "--out", str(out)]) == 0
     )
+    after = {p: p.read_bytes() for p in validated_data.rglob("*") if p.is_file()}
+    assert after == before, "training wrote into (or changed) the validated data it read"
     return out
 
 

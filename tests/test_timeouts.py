@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,31 +12,6 @@ from safe_rlhf_v import registry, storage, tracking
 from safe_rlhf_v.cli import main
 from safe_rlhf_v.config import TrackingConfig, config_from_dict
 from safe_rlhf_v.errors import UserError
-
-
-@pytest.fixture
-def silent_endpoint() -> Iterator[str]:
-    """A TCP server on loopback that accepts every connection and never sends a byte."""
-    server = socket.create_server(("127.0.0.1", 0))
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        server.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                held.append(server.accept()[0])
-            except TimeoutError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.getsockname()[1]}"
-    stop.set()
-    thread.join()
-    for connection in held:
-        connection.close()
-    server.close()
 
 
 def unset(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:

@@ -14,6 +14,7 @@ from transformers import AutoProcessor
 
 from safe_rlhf_v.config import LoraSettings, PPOStageConfig
 from safe_rlhf_v.data.sources import load_split
+from safe_rlhf_v.models.loading import ModelFolderError
 from safe_rlhf_v.train.ppo_lagrangian import PPOLagrangianTrainer, PPOModels
 from safe_rlhf_v.train.rollout import response_mask
 
@@ -128,7 +129,7 @@ def test_a_pickle_only_policy_folder_is_refused(
     policy.config.save_pretrained(pickled)
     AutoProcessor.from_pretrained(ppo_models.actor).save_pretrained(pickled)
     torch.save(policy.state_dict(), pickled / "pytorch_model.bin")
-    with pytest.raises(OSError, match=r"model\.safetensors"):
+    with pytest.raises(ModelFolderError, match=rf"{pickled}.*safetensors"):
         trainer(
             config(-50.0), dataclasses.replace(ppo_models, actor=str(pickled)), demo_data, tmp_path / "ckpt"
         )

@@ -188,6 +188,14 @@ def _file_format(path: Path) -> str:
 
 
 def _from_saved(path: Path, split: str) -> datasets.Dataset:
+    """A split of a `save_to_disk` folder (validate-data's output).
+
+    `datasets` writes the cache files of later transforms (interleave, map, filter) next to a
+    loaded folder's Arrow files. Those would land in the user's validated data, whose Arrow files
+    are hashed for lineage. Caching is therefore switched off for the process, which sends those
+    files to a temporary folder instead; our transforms are cheap to redo.
+    """
+    datasets.disable_caching()
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:

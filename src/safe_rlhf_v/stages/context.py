@@ -25,6 +25,7 @@ other ranks get `out=None` and a result without side effects.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -37,10 +38,11 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import datasets
 import mlflow
+from pydantic import BaseModel
 
 from safe_rlhf_v import storage, tracking
 from safe_rlhf_v import work_dir as layout
@@ -193,6 +195,21 @@ def local_model(uri: str, work_dir: str | Path) -> str:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return str(target)
+
+
+Settings = TypeVar("Settings")
+
+
+def settings_from(section: BaseModel, settings: type[Settings], **given: Any) -> Settings:
+    """A training loop's settings dataclass, filled from the config section's fields of the same
+    names plus `given` (what is not in the section: the local model path, trust_remote_code).
+
+    The loops take plain dataclasses, so they run without a pipeline config. Copying the fields by
+    name keeps the stage from restating every knob, so a knob added to both cannot be forgotten.
+    """
+    names = {f.name for f in dataclasses.fields(settings)}  # type: ignore[arg-type]
+    values = {name: getattr(section, name) for name in names & set(type(section).model_fields)}
+    return settings(**(values | given))
 
 
 def _sigterm_exits(signum: int, frame: FrameType | None) -> None:

@@ -18,7 +18,7 @@ from safe_rlhf_v.data.schema import FLAT_COLUMNS
 from safe_rlhf_v.data.sources import load_split, to_flat
 from safe_rlhf_v.lineage import model_digest
 from safe_rlhf_v.records import StageResult
-from safe_rlhf_v.stages.context import open_stage
+from safe_rlhf_v.stages.context import open_stage, settings_from
 from safe_rlhf_v.tracking import log_config, log_model_reference
 from safe_rlhf_v.train.guard import GuardSettings, train_guard
 
@@ -79,19 +79,8 @@ def run(
         if section.extra_data:
             extra = load_split(section.extra_data, "train", cache_dir=layout.data_cache(ctx.work_dir))
             train = with_extra_rows(train, extra)
-        settings = GuardSettings(
-            base_model=ctx.model(base_model),
-            train=section.train,
-            max_length=section.max_length,
-            eval_batch_size=section.eval_batch_size,
-            freeze_vision_tower=section.freeze_vision_tower,
-            freeze_projector=section.freeze_projector,
-            min_response_tokens=section.min_response_tokens,
-            rating_loss_weight=section.rating_loss_weight,
-            category_loss_weight=section.category_loss_weight,
-            query_loss_weight=section.query_loss_weight,
-            max_class_weight=section.max_class_weight,
-            trust_remote_code=cfg.trust_remote_code,
+        settings = settings_from(
+            section, GuardSettings, base_model=ctx.model(base_model), trust_remote_code=cfg.trust_remote_code
         )
         metrics = train_guard(
             settings,

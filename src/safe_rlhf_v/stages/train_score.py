@@ -18,7 +18,7 @@ from safe_rlhf_v.config import PipelineConfig, ScoreStageConfig
 from safe_rlhf_v.data.augment import with_spliced_pairs
 from safe_rlhf_v.lineage import model_digest
 from safe_rlhf_v.records import StageResult
-from safe_rlhf_v.stages.context import open_stage
+from safe_rlhf_v.stages.context import open_stage, settings_from
 from safe_rlhf_v.tracking import log_config, log_model_reference
 from safe_rlhf_v.train.cost import CostObjective
 from safe_rlhf_v.train.preference import Objective, PreferenceSettings, train_preference_model
@@ -56,14 +56,10 @@ def run(
             log_model_reference("input.base_model", base_model, model_digest(base_model))
         digests, splits = ctx.load_validated(data_uri)
         train = with_spliced_pairs(splits["train"], section.spliced_negatives, section.train.seed)
-        settings = PreferenceSettings(
+        settings = settings_from(
+            section,
+            PreferenceSettings,
             base_model=ctx.model(base_model),
-            train=section.train,
-            max_length=section.max_length,
-            eval_batch_size=section.eval_batch_size,
-            freeze_vision_tower=section.freeze_vision_tower,
-            freeze_projector=section.freeze_projector,
-            min_response_tokens=section.min_response_tokens,
             trust_remote_code=cfg.trust_remote_code,
         )
         metrics = train_preference_model(
