@@ -17,7 +17,6 @@ from typing import Any
 from safe_rlhf_v.config import PipelineConfig, resolve_config
 from safe_rlhf_v.records import RESULT_FILE, StageResult
 
-
 RUN_ID_ENV = "KFP_RUN_ID"
 """The pipeline run's id: on a cluster from the pod's `pipeline/runid` label (the Downward API), under
 kfp.local from the local runner's environment."""

@@ -13,6 +13,7 @@ import argparse
 import errno
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib import resources
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 from safe_rlhf_v import __version__
 from safe_rlhf_v.config import PipelineConfig, load_config, preset_names, preset_of
 from safe_rlhf_v.errors import ArgumentError, UserError, redact
+from safe_rlhf_v.progress import VERBOSE_ENV
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -400,7 +402,12 @@ def _add_kfp_args(parser: argparse.ArgumentParser, *, pipeline: bool = True) -> 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the docs and tests)."""
     parser = argparse.ArgumentParser(prog="safe-rlhf-v", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging; `run` also shows kfp.local's task dumps and repeated library warnings",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -528,7 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guard", required=True, help="train-guard output folder or s3:// prefix")
     p.add_argument("--data", required=True, help="a validate-data output folder (its evaluation split)")
     p.add_argument("--out", required=True, help="output folder: report.html, evaluation.json, answers")
-    p.add_argument("--base-model", help="the initial policy to compare with; default: the config's base_model")
+    p.add_argument(
+        "--base-model", help="the initial policy to compare with; default: the config's base_model"
+    )
     _add_run_id_arg(p)
     _add_config_args(p)
     p.set_defaults(func=cmd_evaluate)
@@ -618,6 +627,8 @@ def _os_refusal(error: OSError) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `safe-rlhf-v` console script."""
     args = build_parser().parse_args(argv)
+    if args.verbose:  # for this process and the pipeline tasks it starts (see `progress`)
+        os.environ[VERBOSE_ENV] = "1"
     # Our progress at INFO; third-party libraries (great-expectations logs hundreds of INFO lines on
     # import) only from WARNING unless --verbose.
     logging.basicConfig(

@@ -103,9 +103,15 @@ def _integer_defaults_as_integers(package: Path) -> None:
     parameters = documents[0]["root"].get("inputDefinitions", {}).get("parameters", {})
     for name, parameter in parameters.items():
         default = parameter.get("defaultValue")
-        if parameter["parameterType"] == "NUMBER_INTEGER" and isinstance(default, float) and default.is_integer():
+        if (
+            parameter["parameterType"] == "NUMBER_INTEGER"
+            and isinstance(default, float)
+            and default.is_integer()
+        ):
             parameter["defaultValue"] = int(default)
-            header = header.replace(f"#    {name}: int [Default: {default}]", f"#    {name}: int [Default: {int(default)}]")
+            header = header.replace(
+                f"#    {name}: int [Default: {default}]", f"#    {name}: int [Default: {int(default)}]"
+            )
     package.write_text(header + yaml.dump_all(documents, sort_keys=True), encoding="utf-8")
 
 
