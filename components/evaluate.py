@@ -11,10 +11,10 @@ from safe_rlhf_v.config import ImagesConfig
 
 @dsl.component(base_image=ImagesConfig().gpu, install_kfp_package=False)
 def evaluate(
-    config_json: str,
+    config: str,
+    config_overrides: list,
     base_model: str,
     cost_budget: float,
-    pipeline_run_id: str,
     validated: Input[Dataset],
     policy: Input[Model],
     reward_model: Input[Model],
@@ -32,7 +32,7 @@ def evaluate(
     from safe_rlhf_v.stages import evaluate as stage
 
     result = stage.run(
-        kfp_io.parse_config(config_json, cost_budget=cost_budget),
+        kfp_io.parse_config(config, config_overrides, cost_budget=cost_budget),
         validated.path,
         policy.path,
         reward_model.path,
@@ -40,7 +40,7 @@ def evaluate(
         guard_model.path,
         evaluation.path,
         base_model=base_model,
-        pipeline_run_id=pipeline_run_id,
+        pipeline_run_id=kfp_io.pipeline_run_id(),
     )
     kfp_io.publish_metrics(result, metrics)
     kfp_io.publish_file(Path(result.outputs["report"]), report)

@@ -6,34 +6,47 @@ installed package inside their body instead of referring to module-level names.
 
 from __future__ import annotations
 
-import json
+import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from safe_rlhf_v.config import PipelineConfig, config_from_dict
+from safe_rlhf_v.config import PipelineConfig, resolve_config
 from safe_rlhf_v.records import RESULT_FILE, StageResult
+
+RUN_ID_ENV = "KFP_RUN_ID"
+"""The pipeline run's id: on a cluster from the pod's `pipeline/runid` label (the Downward API), under
+kfp.local from the local runner's environment."""
+
+
+def pipeline_run_id() -> str | None:
+    """The id of the pipeline run this task belongs to (None outside a pipeline run).
+
+    It comes from the environment, not from a task input, so the tasks KFP may serve from its
+    cache keep a cache key that does not change with every run.
+    """
+    return os.environ.get(RUN_ID_ENV) or None
 
 
 def parse_config(
-    config_json: str, *, cost_budget: float | None = None, ppo_max_steps: int = 0
+    config: str, overrides: list[str], *, cost_budget: float | None = None, ppo_max_steps: int = 0
 ) -> PipelineConfig:
-    """The pipeline config travels as one JSON string parameter, validated again on arrival.
+    """The run's config from the `config` (preset, `s3://` URI or file) and `config_overrides`
+    pipeline parameters, validated on arrival.
 
     `cost_budget` (the harm budget d) and `ppo_max_steps` are separate pipeline parameters because
     they are what people change most in the Kubeflow UI form; they override the config's values
     (`ppo_max_steps` 0 keeps the config's epochs).
     """
-    overrides = []
+    extra = []
     if cost_budget is not None:
-        overrides.append(f"train_ppo_lag.lagrangian.threshold={float(cost_budget)!r}")
+        extra.append(f"train_ppo_lag.lagrangian.threshold={float(cost_budget)!r}")
     if ppo_max_steps:
-        overrides.append(f"train_ppo_lag.actor.max_steps={int(ppo_max_steps)}")
-    if not overrides:
-        return PipelineConfig.model_validate_json(config_json)
-    return config_from_dict(json.loads(config_json), "pipeline parameter config_json", overrides)
+        extra.append(f"train_ppo_lag.actor.max_steps={int(ppo_max_steps)}")
+    return resolve_config(config, [*overrides, *extra])
 
 
 def publish_metrics(result: StageResult, metrics) -> None:
@@ -58,7 +71,7 @@ def artifact_location(artifact) -> str:
 def train_stage(
     cfg: PipelineConfig,
     stage: str,
-    pipeline_run_id: str,
+    pipeline_run_id: str | None,
     *,
     argv: list[str],
     artifacts: dict[str, Any],
@@ -73,7 +86,8 @@ def train_stage(
     paths and a config file; TrainJob pods do not, so they get the artifacts' `s3://` URIs and the
     config as JSON, and the finished output is fetched back into `output.path` so KFP's launcher
     uploads the same folder it would after an in-process run. Every path ends with the stage's
-    `result.json` in the output folder.
+    `result.json` in the output folder. Launched ranks need a run id to share checkpoints and to
+    name a TrainJob, so a task outside a pipeline run gets a fresh one, as the stage would.
     """
     from safe_rlhf_v import storage
     from safe_rlhf_v.ops import launch
@@ -82,8 +96,9 @@ def train_stage(
     mode = launch.launch_mode(resources)
     if mode == "in-process":
         return in_process()
-    common = {"image": cfg.images.gpu, "stage": stage, "run_id": pipeline_run_id}
-    run_argv = [*argv, "--pipeline-run-id", pipeline_run_id]
+    run_id = pipeline_run_id or f"local-{uuid.uuid4().hex[:12]}"
+    common = {"image": cfg.images.gpu, "stage": stage, "run_id": run_id}
+    run_argv = [*argv, "--pipeline-run-id", run_id]
     if mode == "torchrun":
         with tempfile.TemporaryDirectory(prefix="config-") as scratch:
             config_path = Path(scratch) / "config.json"
@@ -102,3 +117,75 @@ def train_stage(
     if code != 0:
         raise RuntimeError(f"{stage}: the {mode} launch exited with status {code}; see the log above")
     return StageResult.from_json((Path(output.path) / RESULT_FILE).read_text())
+
+
+def score_task(
+    stage: str, config: str, config_overrides: list[str], base_model: str, validated, model, metrics
+) -> str:
+    """The body of the `train-reward` and `train-cost` components, which differ only by `stage`:
+    two components instead of one used twice, so the Kubeflow UI names each after its stage."""
+    from safe_rlhf_v.stages import train_score
+
+    cfg = parse_config(config, config_overrides)
+    run_id = pipeline_run_id()
+    result = train_stage(
+        cfg,
+        stage,
+        run_id,
+        argv=[stage, "--base-model", base_model],
+        artifacts={"--data": validated, "--out": model},
+        output=model,
+        in_process=lambda: train_score.run(
+            stage, cfg, validated.path, model.path, pipeline_run_id=run_id, base_model=base_model
+        ),
+    )
+    publish_metrics(result, metrics)
+    model.metadata.update({"kind": stage.removeprefix("train-"), **result.details.get("lineage", {})})
+    return result.to_json()
+
+
+def ppo_task(
+    variant: str,
+    config: str,
+    config_overrides: list[str],
+    base_model: str,
+    cost_budget: float,
+    ppo_max_steps: int,
+    validated,
+    reward_model,
+    cost_model,
+    policy,
+    metrics,
+) -> str:
+    """The body of the `train-ppo-lag` and `train-ppo-lag-ablation` components: two components so
+    the UI tells the Safe RLHF-V policy from the ablations trained beside it."""
+    from safe_rlhf_v.stages import train_ppo
+
+    cfg = parse_config(config, config_overrides, cost_budget=cost_budget, ppo_max_steps=ppo_max_steps)
+    run_id = pipeline_run_id()
+    result = train_stage(
+        cfg,
+        "train-ppo-lag",
+        run_id,
+        argv=["train-ppo-lag", "--variant", variant, "--policy", base_model],
+        artifacts={
+            "--data": validated,
+            "--reward-model": reward_model,
+            "--cost-model": cost_model,
+            "--out": policy,
+        },
+        output=policy,
+        in_process=lambda: train_ppo.run(
+            cfg,
+            validated.path,
+            reward_model.path,
+            cost_model.path,
+            policy.path,
+            variant=variant,
+            pipeline_run_id=run_id,
+            base_model=base_model,
+        ),
+    )
+    publish_metrics(result, metrics)
+    policy.metadata.update({"kind": "policy", "variant": variant})
+    return result.to_json()

@@ -15,9 +15,9 @@ from safe_rlhf_v.config import ImagesConfig
 
 @dsl.component(base_image=ImagesConfig().cpu, install_kfp_package=False)
 def register(
-    config_json: str,
+    config: str,
+    config_overrides: list,
     cost_budget: float,
-    pipeline_run_id: str,
     policy: Input[Model],
     reward_model: Input[Model],
     cost_model: Input[Model],
@@ -29,12 +29,12 @@ def register(
     from safe_rlhf_v.stages import register as stage
 
     result = stage.run(
-        kfp_io.parse_config(config_json, cost_budget=cost_budget),
+        kfp_io.parse_config(config, config_overrides, cost_budget=cost_budget),
         policy_uri=kfp_io.artifact_location(policy),
         reward_uri=kfp_io.artifact_location(reward_model),
         cost_uri=kfp_io.artifact_location(cost_model),
         guard_uri=kfp_io.artifact_location(guard_model),
         evaluation_uri=kfp_io.artifact_location(evaluation),
-        pipeline_run_id=pipeline_run_id,
+        pipeline_run_id=kfp_io.pipeline_run_id(),
     )
     return result.to_json()

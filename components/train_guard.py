@@ -11,9 +11,9 @@ from safe_rlhf_v.config import ImagesConfig
 
 @dsl.component(base_image=ImagesConfig().gpu, install_kfp_package=False)
 def train_guard(
-    config_json: str,
+    config: str,
+    config_overrides: list,
     base_model: str,
-    pipeline_run_id: str,
     validated: Input[Dataset],
     guard: Output[Model],
     metrics: Output[Metrics],
@@ -23,16 +23,17 @@ def train_guard(
     from safe_rlhf_v.components import kfp_io
     from safe_rlhf_v.stages import train_guard as stage
 
-    cfg = kfp_io.parse_config(config_json)
+    cfg = kfp_io.parse_config(config, config_overrides)
+    run_id = kfp_io.pipeline_run_id()
     result = kfp_io.train_stage(
         cfg,
         "train-guard",
-        pipeline_run_id,
+        run_id,
         argv=["train-guard", "--base-model", base_model],
         artifacts={"--data": validated, "--out": guard},
         output=guard,
         in_process=lambda: stage.run(
-            cfg, validated.path, guard.path, pipeline_run_id=pipeline_run_id, base_model=base_model
+            cfg, validated.path, guard.path, pipeline_run_id=run_id, base_model=base_model
         ),
     )
     kfp_io.publish_metrics(result, metrics)

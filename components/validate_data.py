@@ -12,9 +12,9 @@ from safe_rlhf_v.config import ImagesConfig
 
 @dsl.component(base_image=ImagesConfig().cpu, install_kfp_package=False)
 def validate_data(
-    config_json: str,
+    config: str,
+    config_overrides: list,
     data_uri: str,
-    pipeline_run_id: str,
     validated: Output[Dataset],
     report: Output[HTML],
     metrics: Output[Metrics],
@@ -26,10 +26,10 @@ def validate_data(
     from safe_rlhf_v.stages import validate_data as stage
 
     result = stage.run(
-        kfp_io.parse_config(config_json),
+        kfp_io.parse_config(config, config_overrides),
         validated.path,
         data_uri=data_uri,
-        pipeline_run_id=pipeline_run_id,
+        pipeline_run_id=kfp_io.pipeline_run_id(),
     )
     kfp_io.publish_metrics(result, metrics)
     kfp_io.publish_file(Path(validated.path) / "report.html", report)

@@ -199,7 +199,8 @@ def test_compiled_pipeline_has_resources_and_no_credentials(
     }
     config.write_text(yaml.safe_dump(raw))
     out = tmp_path / "compiled.yaml"
-    assert main(["compile", "--config", str(config), "--out", str(out)]) == 0
+    uri = "s3://bucket/configs/pipeline.yaml"
+    assert main(["compile", "--config", str(config), "--config-uri", uri, "--out", str(out)]) == 0
     text = out.read_text()
     assert secret not in text and "AKIASENTINEL" not in text
     spec = next(yaml.safe_load_all(text))
@@ -208,12 +209,12 @@ def test_compiled_pipeline_has_resources_and_no_credentials(
     assert validate["image"].startswith("ghcr.io/safe-rlhf-v/cpu:")
     assert validate["resources"]["cpuRequest"] == 3
     assert validate["resources"]["memoryRequest"] == pytest.approx(12 * 1024**3 / 1e9, rel=0.01)
-    train = executors["exec-train-preference-model"]
+    train = executors["exec-train-reward"]
     assert train["image"].startswith("ghcr.io/safe-rlhf-v/train:")
     assert train["resources"]["accelerator"]["resourceCount"] == "2"
     tasks = spec["root"]["dag"]["tasks"]
-    assert tasks["train-preference-model"]["cachingOptions"] == {}, "training is never served from cache"
-    assert tasks["train-preference-model"]["retryPolicy"] == {
+    assert tasks["train-reward"]["cachingOptions"] == {}, "training is never served from cache"
+    assert tasks["train-reward"]["retryPolicy"] == {
         "backoffDuration": "120s",
         "backoffFactor": 2.0,
         "backoffMaxDuration": "3600s",
@@ -224,10 +225,11 @@ def test_compiled_pipeline_has_resources_and_no_credentials(
     assert params["base_model"]["defaultValue"] == str(tmp_path / "model")
     assert params["cost_budget"]["defaultValue"] == -0.5
     assert params["ablations"]["defaultValue"] == ["reward-only"]
+    assert params["config"]["defaultValue"] == uri
 
     platform = next(doc for doc in yaml.safe_load_all(text) if "platforms" in doc)
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    gpu = k8s["exec-train-preference-model"]
+    gpu = k8s["exec-train-reward"]
     assert {s["secretName"] for s in gpu["secretAsEnv"]} == {"safe-rlhf-v-s3", "safe-rlhf-v-mlflow"}
     keys = {m["secretKey"]: m["envVar"] for s in gpu["secretAsEnv"] for m in s["keyToEnv"]}
     assert keys["AWS_SECRET_ACCESS_KEY"] == "AWS_SECRET_ACCESS_KEY"

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from safe_rlhf_v import registry, storage, tracking
 from safe_rlhf_v.cli import main
+from safe_rlhf_v.components import kfp_io
 from safe_rlhf_v.components.register import register as register_component
 from safe_rlhf_v.config import ConfigError, PipelineConfig, config_from_dict
 from safe_rlhf_v.lineage import write_lineage
@@ -397,17 +398,20 @@ def test_sources_on_s3_are_registered_as_s3_uris(cfg: PipelineConfig, tmp_path: 
 
 
 def test_register_component_runs_the_stage_under_the_pipeline_run(
-    cfg: PipelineConfig, tmp_path: Path
+    cfg: PipelineConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     uris = pipeline_outputs(cfg, tmp_path / "run", "run-1")
 
     def model(key: str) -> dsl.Model:
         return dsl.Model(name=key, uri=uris[key])
 
+    config = tmp_path / "config.json"
+    config.write_text(cfg.model_dump_json())
+    monkeypatch.setenv(kfp_io.RUN_ID_ENV, "run-1")
     output = register_component.python_func(
-        config_json=cfg.model_dump_json(),
+        config=str(config),
+        config_overrides=[],
         cost_budget=cfg.train_ppo_lag.lagrangian.threshold,
-        pipeline_run_id="run-1",
         policy=model("policy_uri"),
         reward_model=model("reward_uri"),
         cost_model=model("cost_uri"),

@@ -4,7 +4,9 @@ Importing the package switches off the usage telemetry of the libraries it drive
 Great Expectations, Hugging Face, DeepSpeed's dependencies) before any of them is imported, so no
 run phones home from a cluster or a laptop. It also makes idle OpenMP threads sleep instead of
 spin: on a shared CPU, spinning threads made training 4x slower. Explicit settings in the
-environment win. great-expectations' import-time INFO chatter is silenced.
+environment win. great-expectations' import-time INFO chatter is silenced, and so is DeepSpeed's
+"Setting accelerator to CPU" warning, which every CPU process repeats, unless `safe-rlhf-v --verbose`
+set SAFE_RLHF_V_VERBOSE=1 (`progress.VERBOSE_ENV`).
 """
 
 import logging
@@ -24,3 +26,11 @@ for _key, _value in _TELEMETRY_OFF.items():
 
 # great-expectations logs a few hundred INFO lines while it imports; they bury every stage's output.
 logging.getLogger("great_expectations").setLevel(logging.WARNING)
+# A filter on the logger, which DeepSpeed's own setup (level, handler) leaves in place; it reads the
+# environment per record, since `--verbose` sets it after this import.
+logging.getLogger("DeepSpeed").addFilter(
+    lambda record: (
+        os.environ.get("SAFE_RLHF_V_VERBOSE") == "1"
+        or not record.getMessage().startswith("Setting accelerator to CPU")
+    )
+)

@@ -13,6 +13,7 @@ import argparse
 import errno
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib import resources
@@ -20,8 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from safe_rlhf_v import __version__
-from safe_rlhf_v.config import PipelineConfig, load_config
+from safe_rlhf_v.config import PipelineConfig, load_config, preset_names, preset_of
 from safe_rlhf_v.errors import ArgumentError, UserError, redact
+from safe_rlhf_v.progress import VERBOSE_ENV
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -56,6 +58,14 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set validate_data.preference_mostly=0.98 (repeatable)",
+    )
+
+
+def _add_config_uri_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config-uri",
+        help="what the run form's `config` names: s3:// or a file in the mounted ConfigMap "
+        "(default: the preset --config is; --set overrides become `config_overrides`)",
     )
 
 
@@ -216,15 +226,46 @@ def cmd_seeds(args: argparse.Namespace) -> int:
     return 0 if all(all(r.checks.values()) for r in results) else 1
 
 
-def cmd_compile(args: argparse.Namespace) -> int:
-    from kfp import compiler
+def _config_reference(args: argparse.Namespace) -> str:
+    """What a compiled pipeline's `config` parameter names: `--config-uri`, else the preset that
+    `--config` is. A local file is refused, since no cluster pod can read the compiling machine's disk."""
+    if args.config_uri:
+        return args.config_uri
+    path = args.config or default_config_path()
+    preset = preset_of(path)
+    if preset is None:
+        raise ArgumentError(
+            f"--config {path} is not a packaged preset ({', '.join(preset_names())}): put it where the "
+            "pods can read it (s3:// or the kubernetes.config_map ConfigMap) and pass --config-uri"
+        )
+    return preset
 
-    from safe_rlhf_v.pipelines.safe_rlhf_v import build_pipeline
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from safe_rlhf_v.ops.kfp_ops import compile_pipeline
 
     cfg = _config(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(cfg), package_path=args.out)
+    compile_pipeline(cfg, Path(args.out), _config_reference(args), args.set)
     print(f"compiled pipeline: {args.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from safe_rlhf_v.stages import evaluate
+
+    result = evaluate.run(
+        _config(args),
+        args.data,
+        args.policy,
+        args.reward,
+        args.cost,
+        args.guard,
+        args.out,
+        base_model=args.base_model,
+        pipeline_run_id=args.pipeline_run_id,
+    )
+    print(json.dumps(result.metrics, indent=2, sort_keys=True))
+    print(f"report: {result.outputs['report']}")
     return 0
 
 
@@ -297,7 +338,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
     cfg = _config(args)
     ops = PipelineOps.connect(args.host)  # before compiling: a wrong host fails fast
     with tempfile.TemporaryDirectory(prefix="safe-rlhf-v-") as tmp:
-        package = compile_pipeline(cfg, Path(tmp) / "pipeline.yaml")
+        package = compile_pipeline(cfg, Path(tmp) / "pipeline.yaml", _config_reference(args), args.set)
         pipeline = args.pipeline_name or cfg.name
         done = ops.upload(package, pipeline_name=pipeline, version_name=args.version_name)
     print(f"{done.action}: pipeline {done.pipeline_id}, version {done.version_name} ({done.version_id})")
@@ -361,7 +402,12 @@ def _add_kfp_args(parser: argparse.ArgumentParser, *, pipeline: bool = True) -> 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the docs and tests)."""
     parser = argparse.ArgumentParser(prog="safe-rlhf-v", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging; `run` also shows kfp.local's task dumps and repeated library warnings",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -477,7 +523,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="compile the pipeline to YAML for the Kubeflow UI")
     p.add_argument("--out", required=True, help="output YAML file")
     _add_config_args(p)
+    _add_config_uri_arg(p)
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser(
+        "evaluate", help="stage: a trained policy against the initial one, alone and behind the guardrail"
+    )
+    p.add_argument("--policy", required=True, help="the trained policy folder (a train-ppo-lag output)")
+    p.add_argument("--reward", required=True, help="train-reward output folder or s3:// prefix")
+    p.add_argument("--cost", required=True, help="train-cost output folder or s3:// prefix")
+    p.add_argument("--guard", required=True, help="train-guard output folder or s3:// prefix")
+    p.add_argument("--data", required=True, help="a validate-data output folder (its evaluation split)")
+    p.add_argument("--out", required=True, help="output folder: report.html, evaluation.json, answers")
+    p.add_argument(
+        "--base-model", help="the initial policy to compare with; default: the config's base_model"
+    )
+    _add_run_id_arg(p)
+    _add_config_args(p)
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("register", help="stage: register the run's models in MLflow; policy -> candidate")
     p.add_argument("--policy", required=True, help="train-ppo-lag output (the safe-rlhf-v policy)")
@@ -510,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_kfp_args(p)
     p.add_argument("--version-name", help="default: <package version>-<hash of the compiled YAML>")
     _add_config_args(p)
+    _add_config_uri_arg(p)
     p.set_defaults(func=cmd_upload)
 
     p = sub.add_parser("submit", help="start a run of the latest uploaded pipeline version")
@@ -563,6 +627,8 @@ def _os_refusal(error: OSError) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `safe-rlhf-v` console script."""
     args = build_parser().parse_args(argv)
+    if args.verbose:  # for this process and the pipeline tasks it starts (see `progress`)
+        os.environ[VERBOSE_ENV] = "1"
     # Our progress at INFO; third-party libraries (great-expectations logs hundreds of INFO lines on
     # import) only from WARNING unless --verbose.
     logging.basicConfig(

@@ -17,6 +17,8 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+import tempfile
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -464,6 +466,9 @@ class KubernetesConfig(StrictModel):
     """Namespace of multi-node TrainJobs; None: the namespace the pipeline task runs in."""
     service_account: str = "safe-rlhf-v-runner"
     """Service account of submitted and scheduled runs (manifests/base: may create TrainJobs)."""
+    config_map: str | None = None
+    """A ConfigMap mounted read-only at `CONFIG_MOUNT` on every task, so the pipeline's `config`
+    parameter can name a config file in it (e.g. `/etc/safe-rlhf-v/config/pipeline.yaml`)."""
 
     @model_validator(mode="after")
     def _known_runtime_policy(self) -> KubernetesConfig:
@@ -671,3 +676,61 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return config_from_dict(raw, str(path), overrides)
+
+
+CONFIG_MOUNT = "/etc/safe-rlhf-v/config"
+"""Where `kubernetes.config_map` is mounted in every task."""
+
+
+def preset_names() -> list[str]:
+    """The presets shipped in the package (`configs/*.yaml` without the suffix), sorted."""
+    folder = resources.files("safe_rlhf_v.configs")
+    return sorted(item.name.removesuffix(".yaml") for item in folder.iterdir() if item.name.endswith(".yaml"))
+
+
+def preset_path(name: str) -> Path:
+    """The packaged file of preset `name` (`llava-1.5-7b` or `llava-1.5-7b.yaml`)."""
+    return Path(str(resources.files("safe_rlhf_v.configs") / f"{name.removesuffix('.yaml')}.yaml"))
+
+
+def preset_of(path: str | Path) -> str | None:
+    """The preset whose packaged file has the same content as `path`, or None.
+
+    A pipeline compiled from a preset file names the preset, which every image can resolve,
+    instead of a path that exists only on the machine that compiled it.
+    """
+    candidate = Path(path)
+    if not candidate.is_file():
+        return None
+    name = candidate.name.removesuffix(".yaml")
+    if name not in preset_names():
+        return None
+    return name if preset_path(name).read_bytes() == candidate.read_bytes() else None
+
+
+def resolve_config(ref: str, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load the config a pipeline run names: a preset name, an `s3://` URI or a file path.
+
+    The Kubeflow form takes a short reference instead of the whole config: a preset shipped in
+    the image (`llava-1.5-7b`), a file on S3, or a file in a mounted ConfigMap, plus `key=value`
+    overrides.
+    """
+    from safe_rlhf_v import storage  # boto3 comes with it, which most users of a config never need
+
+    ref = ref.strip()
+    if ref.removesuffix(".yaml") in preset_names():
+        return load_config(preset_path(ref), overrides)
+    if storage.is_s3(ref):
+        text = storage.read_text(ref)
+        with tempfile.TemporaryDirectory(prefix="config-") as scratch:
+            local = Path(scratch) / "pipeline.yaml"
+            local.write_text(text, encoding="utf-8")
+            try:
+                return load_config(local, overrides)
+            except ConfigError as error:
+                raise ConfigError(str(error).replace(str(local), ref)) from None
+    if "://" in ref or not Path(ref).is_file():
+        raise ConfigError(
+            f"config {ref!r} is neither a preset ({', '.join(preset_names())}), an s3:// URI nor a file"
+        )
+    return load_config(ref, overrides)

@@ -182,7 +182,11 @@ def test_retrain_cronjob_keeps_one_recurring_run_of_a_preset_with_valid_paramete
         overrides = [line for line in data["overrides"].splitlines() if line and not line.startswith("#")]
         cfg = config_from_dict(yaml.safe_load(preset.read_text()), str(preset), overrides)
         assert cron_is_valid(kfp_cron(data["RETRAIN_CRON"])), f"{name}: {data['RETRAIN_CRON']}"
-        compiled = next(yaml.safe_load_all(compile_pipeline(cfg, tmp_path / f"{name}.yaml").read_text()))
+        compiled = next(
+            yaml.safe_load_all(
+                compile_pipeline(cfg, tmp_path / f"{name}.yaml", preset.stem, overrides).read_text()
+            )
+        )
         declared = compiled["root"]["inputDefinitions"]["parameters"]
         params = PipelineVersion("p", "v", name, declared).runtime_parameters(
             yaml.safe_load(data["params.yaml"])

@@ -55,5 +55,7 @@ def test_cronjob_script_uploads_once_and_keeps_one_recurring_run(tmp_path: Path)
         assert recurring["runtime_config"]["parameters"] == yaml.safe_load(data["params.yaml"])
         (version,) = fake.versions.values()
         config = version["pipeline_spec"]["pipeline_spec"]["root"]["inputDefinitions"]["parameters"]
-        assert "mlflow.kubeflow.svc" in config["config_json"]["defaultValue"]  # the dev override applied
+        assert config["config"]["defaultValue"] == data["PIPELINE_PRESET"].removesuffix(".yaml")
+        overrides = config["config_overrides"]["defaultValue"]
+        assert any("mlflow.kubeflow.svc" in item for item in overrides)  # the dev override applied
         assert fake.problems == []

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import warnings
@@ -71,15 +72,47 @@ class KfpOpsError(UserError, ValueError):
     """
 
 
-def compile_pipeline(cfg: PipelineConfig, package: Path) -> Path:
-    """Compile the pipeline for `cfg` to `package` (YAML: pipeline spec, then the platform spec)."""
+def compile_pipeline(
+    cfg: PipelineConfig, package: Path, config: str, overrides: list[str] | None = None
+) -> Path:
+    """Compile the pipeline for `cfg` to `package` (YAML: pipeline spec, then the platform spec).
+
+    `config` and `overrides` become the defaults of the run form's `config` and `config_overrides`
+    (see `build_pipeline`).
+    """
     from kfp import compiler
 
     from safe_rlhf_v.pipelines.safe_rlhf_v import build_pipeline
 
     package.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(cfg), package_path=str(package))
+    compiler.Compiler().compile(build_pipeline(cfg, config, overrides), package_path=str(package))
+    _integer_defaults_as_integers(package)
     return package
+
+
+def _integer_defaults_as_integers(package: Path) -> None:
+    """Write the defaults of integer pipeline parameters as integers (`0`, not `0.0`).
+
+    KFP stores every number as a protobuf double, so the compiled YAML and the Kubeflow run form
+    show an int parameter's default as `0.0`. The spec reads either form back as the same number.
+    """
+    text = package.read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    header = "".join(itertools.takewhile(lambda line: line.startswith("#"), lines))
+    documents = list(yaml.safe_load_all(text))
+    parameters = documents[0]["root"].get("inputDefinitions", {}).get("parameters", {})
+    for name, parameter in parameters.items():
+        default = parameter.get("defaultValue")
+        if (
+            parameter["parameterType"] == "NUMBER_INTEGER"
+            and isinstance(default, float)
+            and default.is_integer()
+        ):
+            parameter["defaultValue"] = int(default)
+            header = header.replace(
+                f"#    {name}: int [Default: {default}]", f"#    {name}: int [Default: {int(default)}]"
+            )
+    package.write_text(header + yaml.dump_all(documents, sort_keys=True), encoding="utf-8")
 
 
 def version_name_for(package: Path) -> str:
