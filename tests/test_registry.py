@@ -167,7 +167,9 @@ def test_registration_creates_four_versions_with_lineage(cfg: PipelineConfig, tm
         folder = Path(uris[f"{role}_uri"])
         assert (ref.name, ref.version, ref.created) == (getattr(cfg.registry, f"{role}_name"), "1", True)
         version = mlflow_client.get_model_version(ref.name, "1")
-        assert version.source == str(folder.resolve())
+        logged = mlflow_client.get_logged_model(version.source.removeprefix("models:/"))
+        assert logged.tags["model_sha256"] == storage.sha256_dir(folder), "the version is a logged model"
+        assert version.tags["model_folder"] == str(folder.resolve())
         assert version.tags["pipeline_run_id"] == "run-1"
         assert version.tags["data_sha256.train"] == DATA_SHA["train"]
         assert version.tags["data_sha256.evaluation"] == DATA_SHA["evaluation"]
@@ -392,7 +394,7 @@ def test_sources_on_s3_are_registered_as_s3_uris(cfg: PipelineConfig, tmp_path: 
     refs = registry.register_run_models(cfg, **uris, pipeline_run_id="run-1")
     assert refs["policy"].source == f"s3://{s3_bucket}/pipeline/run-1/policy"
     version = client(cfg).get_model_version(cfg.registry.guard_name, refs["guard"].version)
-    assert version.source == f"s3://{s3_bucket}/pipeline/run-1/guard"
+    assert registry.folder_of(version) == f"s3://{s3_bucket}/pipeline/run-1/guard"
     assert version.tags["model_sha256"] == storage.sha256_dir(Path(local["guard_uri"]))
 
 
