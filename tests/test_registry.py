@@ -422,7 +422,9 @@ def test_register_component_runs_the_stage_under_the_pipeline_run(
     run = client(cfg).get_run(result.mlflow_run_id)
     parent = client(cfg).get_run(run.data.tags["mlflow.parentRunId"])
     assert parent.data.tags[tracking.PIPELINE_RUN_TAG] == "run-1"
-    assert run.data.tags["registered.cost"] == f"models:/{cfg.registry.cost_name}/1"
+    link = f"[{cfg.registry.cost_name} v1](#/models/{cfg.registry.cost_name}/versions/1)"
+    assert link in run.data.tags[tracking.NOTE_TAG] and link in parent.data.tags[tracking.NOTE_TAG]
+    assert len(run.inputs.model_inputs) == 4, "the four logged models are the run's MLflow 3 model inputs"
     assert run.data.tags["model.input.policy.sha256"] == storage.sha256_dir(Path(uris["policy_uri"]))
 
 

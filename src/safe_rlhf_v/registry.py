@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import mlflow
+from mlflow.entities import LoggedModelInput
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -132,6 +133,8 @@ class ModelVersionRef:
     """The pipeline run whose registration made the version (an earlier one when `created` is False)."""
     alias: str | None = None
     """The alias this registration pointed at the version; None when it moved none."""
+    model_id: str | None = None
+    """The MLflow 3 logged model the version is (None for a version registered as a bare folder)."""
 
     @property
     def uri(self) -> str:
@@ -450,7 +453,7 @@ def _check_run_exists(client: MlflowClient, run_id: str, role: Role, uri: str) -
         ) from None
 
 
-def _version_links(refs: Mapping[str, ModelVersionRef]) -> str:
+def version_links(refs: Mapping[str, ModelVersionRef]) -> str:
     """Markdown links to versions, which the MLflow UI renders in a description (tags stay plain text)."""
     return ", ".join(
         f"[{ref.name} v{ref.version}](#/models/{ref.name}/versions/{ref.version})" for ref in refs.values()
@@ -500,7 +503,12 @@ def _register_one(
     existing = _version_holding(client, name, digest)
     if existing is not None:
         registered_in = existing.tags.get(PIPELINE_RUN_TAG, "")
-        return ModelVersionRef(name, str(existing.version), folder_of(existing), False, digest, registered_in)
+        model_id = (
+            existing.source.removeprefix("models:/") if existing.source.startswith("models:/m-") else None
+        )
+        return ModelVersionRef(
+            name, str(existing.version), folder_of(existing), False, digest, registered_in, model_id=model_id
+        )
     _check_run_exists(client, lineage["mlflow_run_id"], role, uri)
     _ensure_registered_model(client, name, role)
     config = mlflow_models.model_config(cfg, role, source, digest)
@@ -516,7 +524,7 @@ def _register_one(
     )
     description = f"{role} model from {TRAINED_BY[role]} in pipeline run {lineage['pipeline_run_id']}"
     if upstream:
-        description += f". Trained and evaluated with {_version_links(upstream)}."
+        description += f". Trained and evaluated with {version_links(upstream)}."
     version = client.create_model_version(
         name,
         source=f"models:/{logged.model_id}",
@@ -525,7 +533,20 @@ def _register_one(
         description=description,
         model_id=logged.model_id,
     )
-    return ModelVersionRef(name, str(version.version), source, True, digest, pipeline_run_id)
+    return ModelVersionRef(
+        name, str(version.version), source, True, digest, pipeline_run_id, model_id=logged.model_id
+    )
+
+
+def _link_upstream_inputs(
+    client: MlflowClient, policy_run_id: str, refs: Mapping[str, ModelVersionRef]
+) -> None:
+    """Show the reward and cost models as MLflow 3 model inputs of the PPO run that trained against
+    them, so its page links them instead of naming digests. Only when this registration created the
+    policy version: a retry or re-registration would add the same inputs again."""
+    upstream = [refs[role].model_id for role in ("reward", "cost")]
+    if refs["policy"].created and all(upstream):
+        client.log_inputs(policy_run_id, models=[LoggedModelInput(str(model_id)) for model_id in upstream])
 
 
 def _moves_alias(client: MlflowClient, policy: ModelVersionRef, pipeline_run_id: str, alias: str) -> bool:
@@ -591,6 +612,7 @@ def register_run_models(
                 tags |= _policy_tags(upstream, evaluation, evaluation_uri)
             figures = evaluation.metrics if role == "policy" else {}
             refs[role] = _register_one(client, cfg, role, uris[role], lineages[role], tags, upstream, figures)
+        _link_upstream_inputs(client, lineages["policy"]["mlflow_run_id"], refs)
         policy, alias = refs["policy"], cfg.registry.candidate_alias
         if _moves_alias(client, policy, pipeline_run_id, alias):
             client.set_registered_model_alias(policy.name, alias, policy.version)
