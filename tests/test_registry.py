@@ -682,6 +682,21 @@ def test_list_versions_shows_aliases_and_figures(cfg: PipelineConfig, tmp_path: 
     assert policies[1].figures["evaluation/trained/reward"] == 2.0
     assert len(rows) == 8  # four models, two versions each
     assert [row.version for row in registry.list_versions(cfg, cfg.registry.guard_name)] == ["1", "2"]
+    assert all(not row.ungated for row in rows)
+
+
+def test_an_alias_moved_outside_the_gate_is_flagged_and_does_not_count(
+    cfg: PipelineConfig, tmp_path: Path
+) -> None:
+    """What MLflow's own alias editor does: the alias moves, no gate runs, no record is left."""
+    version = registered_policy(cfg, tmp_path / "run1", "run-1")
+    client(cfg).set_registered_model_alias(cfg.registry.policy_name, "staging", version)
+    (row,) = registry.list_versions(cfg, cfg.registry.policy_name)
+    assert row.ungated == ("staging",)
+    table = registry.versions_table([row])
+    assert "staging!" in table and "outside the promotion gate" in table
+    with pytest.raises(registry.RegistryError, match="never passed a non-forced promotion to 'staging'"):
+        registry.promote(cfg, model=cfg.registry.policy_name, version=version, to="production", user="bob")
 
 
 # -------------------------------------------------------------------------------------- CLI

@@ -192,6 +192,9 @@ class VersionInfo:
     pipeline_run_id: str | None
     created: str
     figures: dict[str, float]
+    ungated: tuple[str, ...] = ()
+    """Gate aliases (`staging`, `production`) the version holds without a promotion record for them:
+    moved outside `promote`, e.g. with the MLflow UI's alias editor, so no gate passed."""
 
 
 # ----------------------------------------------------------------------------- tracking access
@@ -851,14 +854,19 @@ def gate_table(checks: list[GateCheck]) -> str:
 def _version_info(version: ModelVersion, aliases: Mapping[str, str]) -> VersionInfo:
     created = datetime.fromtimestamp(version.creation_timestamp / 1000, tz=timezone.utc)
     figures = {key: value for key in HEADLINE_METRICS if (value := _figure(version.tags, key)) is not None}
+    held = tuple(sorted(alias for alias, holder in aliases.items() if holder == str(version.version)))
+    recorded = {
+        value for key, value in version.tags.items() if _RECORD_RE.match(key) and key.endswith(".alias")
+    }
     return VersionInfo(
         name=version.name,
         version=str(version.version),
-        aliases=tuple(sorted(alias for alias, held in aliases.items() if held == str(version.version))),
+        aliases=held,
         source=folder_of(version),
         pipeline_run_id=version.tags.get(PIPELINE_RUN_TAG),
         created=created.isoformat(timespec="seconds"),
         figures=figures,
+        ungated=tuple(alias for alias in held if alias in PROMOTION_TARGETS and alias not in recorded),
     )
 
 
@@ -888,10 +896,14 @@ def versions_table(rows: list[VersionInfo]) -> str:
     for row in rows:
         figures = [row.figures.get(key) for key in (REWARD_KEY, COST_KEY, HARMFUL_SHARE_KEY)]
         cells = ["-" if value is None else f"{value:.3f}" for value in figures]
-        aliases = ",".join(row.aliases) or "-"
+        aliases = ",".join(f"{alias}!" if alias in row.ungated else alias for alias in row.aliases) or "-"
         lines.append(
             f"{row.name:<24} {row.version:>4}  {aliases:<20} {cells[0]:>8} {cells[1]:>8} {cells[2]:>8}  "
             f"{row.pipeline_run_id or '-':<24} {row.source}"
+        )
+    if any(row.ungated for row in rows):
+        lines.append(
+            "! alias moved outside the promotion gate (no promotion record): re-run promote to gate it"
         )
     return "\n".join(lines)
 
