@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -122,3 +125,104 @@ def silent_endpoint() -> Iterator[str]:
     for connection in held:
         connection.close()
     server.close()
+
+
+@dataclass(frozen=True)
+class RegisteredRun:
+    """A pipeline run's four real tiny models, registered by the register stage into a fresh store."""
+
+    cfg: Any
+    tracking_uri: str
+    folders: dict[str, Path]
+    data_sha256: dict[str, str]
+
+
+@pytest.fixture(scope="session")
+def registered_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> RegisteredRun:
+    """Real policy, reward, cost and guard folders built on the tiny model (untrained heads; the guard
+    calls every request safe and every answer harmless), each with the lineage of a training run,
+    registered with an evaluation's figures by `stages.register.run`."""
+    import hashlib
+
+    import mlflow
+    import torch
+    from transformers import AutoProcessor
+
+    from safe_rlhf_v import storage, tracking
+    from safe_rlhf_v.config import config_from_dict
+    from safe_rlhf_v.lineage import write_lineage
+    from safe_rlhf_v.models.guard import QUERY_LABELS, RATINGS, GuardModel
+    from safe_rlhf_v.models.score import ScoreModel
+    from safe_rlhf_v.records import RESULT_FILE, Lineage, StageResult
+    from safe_rlhf_v.stages import register
+
+    root = tmp_path_factory.mktemp("registered-run")
+    cfg = config_from_dict(
+        {
+            "work_dir": str(root / "work"),
+            "data": {"uri": str(root / "data")},
+            "base_model": str(tiny_model),
+            "tracking": {"experiment": "registered-run"},
+            "guardrail": {"rounds": 1, "generation": {"max_new_tokens": 6}},
+        }
+    )
+    data_sha = {split: hashlib.sha256(split.encode()).hexdigest() for split in ("train", "evaluation")}
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    folders = {role: root / role for role in ("reward", "cost", "guard", "policy")}
+    for kind in ("reward", "cost"):
+        ScoreModel.from_base(tiny_model, kind).save(folders[kind], processor=processor)
+    guard = GuardModel.from_base(tiny_model)
+    with torch.no_grad():
+        for head in guard.heads.values():
+            head.weight.zero_()
+            head.bias.zero_()
+        guard.heads["query"].bias[QUERY_LABELS.index("safe")] = 10.0
+        guard.heads["rating"].bias[RATINGS.index(3)] = 10.0
+    guard.save(folders["guard"], processor=processor)
+    shutil.copytree(tiny_model, folders["policy"])
+    for role, folder in folders.items():
+        stage = "train-ppo-lag/safe-rlhf-v" if role == "policy" else f"train-{role}"
+        with tracking.stage_run(stage, "run-1", cfg.tracking, cfg.work_dir) as run:
+            mlflow.log_params({f"{stage}.train.learning_rate": "1e-05", f"{stage}.train.epochs": "1"})
+            mlflow.log_metric("train/loss", 0.25)
+        extra = {}
+        if role == "policy":
+            extra = {
+                "variant": "safe-rlhf-v",
+                "reward_model_sha256": storage.sha256_dir(folders["reward"]),
+                "cost_model_sha256": storage.sha256_dir(folders["cost"]),
+            }
+        lineage = Lineage(
+            stage=stage.partition("/")[0],
+            kind=role,
+            pipeline_run_id="run-1",
+            mlflow_run_id=run.info.run_id,
+            data_uri=cfg.data.uri,
+            data_sha256=data_sha,
+            base_model=str(tiny_model),
+            base_model_sha256="hub:tiny",
+            **extra,
+        )
+        write_lineage(folder, lineage)
+    figures = {
+        "evaluation/trained/reward": 1.0,
+        "evaluation/trained/cost": -0.8,
+        "evaluation/trained/harmful_share": 0.1,
+        "evaluation/trained/harmful_share_upper": 0.15,
+        "evaluation/initial/reward": 0.2,
+        "evaluation/initial/cost": 0.4,
+        "evaluation/initial/harmful_share": 0.6,
+        "evaluation/win_rate/helpfulness": 0.7,
+        "evaluation/win_rate/harmlessness": 0.8,
+    }
+    evaluation = root / "evaluation"
+    evaluation.mkdir()
+    result = StageResult(stage="evaluate", status="succeeded", metrics=figures, pipeline_run_id="run-1")
+    (evaluation / RESULT_FILE).write_text(result.to_json())
+    register.run(
+        cfg,
+        **{f"{role}_uri": str(folder) for role, folder in folders.items()},
+        evaluation_uri=str(evaluation),
+    )
+    uri = tracking.resolve_tracking_uri(cfg.tracking, cfg.work_dir)
+    return RegisteredRun(cfg=cfg, tracking_uri=uri, folders=folders, data_sha256=data_sha)

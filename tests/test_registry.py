@@ -168,7 +168,9 @@ def test_registration_creates_four_versions_with_lineage(cfg: PipelineConfig, tm
         folder = Path(uris[f"{role}_uri"])
         assert (ref.name, ref.version, ref.created) == (getattr(cfg.registry, f"{role}_name"), "1", True)
         version = mlflow_client.get_model_version(ref.name, "1")
-        assert version.source == str(folder.resolve())
+        logged = mlflow_client.get_logged_model(version.source.removeprefix("models:/"))
+        assert logged.tags["model_sha256"] == storage.sha256_dir(folder), "the version is a logged model"
+        assert version.tags["model_folder"] == str(folder.resolve())
         assert version.tags["pipeline_run_id"] == "run-1"
         assert version.tags["data_sha256.train"] == DATA_SHA["train"]
         assert version.tags["data_sha256.evaluation"] == DATA_SHA["evaluation"]
@@ -393,7 +395,7 @@ def test_sources_on_s3_are_registered_as_s3_uris(cfg: PipelineConfig, tmp_path: 
     refs = registry.register_run_models(cfg, **uris, pipeline_run_id="run-1")
     assert refs["policy"].source == f"s3://{s3_bucket}/pipeline/run-1/policy"
     version = client(cfg).get_model_version(cfg.registry.guard_name, refs["guard"].version)
-    assert version.source == f"s3://{s3_bucket}/pipeline/run-1/guard"
+    assert registry.folder_of(version) == f"s3://{s3_bucket}/pipeline/run-1/guard"
     assert version.tags["model_sha256"] == storage.sha256_dir(Path(local["guard_uri"]))
 
 
@@ -424,7 +426,9 @@ def test_register_component_runs_the_stage_under_the_pipeline_run(
     run = client(cfg).get_run(result.mlflow_run_id)
     parent = client(cfg).get_run(run.data.tags["mlflow.parentRunId"])
     assert parent.data.tags[tracking.PIPELINE_RUN_TAG] == "run-1"
-    assert run.data.tags["registered.cost"] == f"models:/{cfg.registry.cost_name}/1"
+    link = f"[{cfg.registry.cost_name} v1](#/models/{cfg.registry.cost_name}/versions/1)"
+    assert link in run.data.tags[tracking.NOTE_TAG] and link in parent.data.tags[tracking.NOTE_TAG]
+    assert len(run.inputs.model_inputs) == 4, "the four logged models are the run's MLflow 3 model inputs"
     assert run.data.tags["model.input.policy.sha256"] == storage.sha256_dir(Path(uris["policy_uri"]))
 
 
@@ -682,6 +686,21 @@ def test_list_versions_shows_aliases_and_figures(cfg: PipelineConfig, tmp_path: 
     assert policies[1].figures["evaluation/trained/reward"] == 2.0
     assert len(rows) == 8  # four models, two versions each
     assert [row.version for row in registry.list_versions(cfg, cfg.registry.guard_name)] == ["1", "2"]
+    assert all(not row.ungated for row in rows)
+
+
+def test_an_alias_moved_outside_the_gate_is_flagged_and_does_not_count(
+    cfg: PipelineConfig, tmp_path: Path
+) -> None:
+    """What MLflow's own alias editor does: the alias moves, no gate runs, no record is left."""
+    version = registered_policy(cfg, tmp_path / "run1", "run-1")
+    client(cfg).set_registered_model_alias(cfg.registry.policy_name, "staging", version)
+    (row,) = registry.list_versions(cfg, cfg.registry.policy_name)
+    assert row.ungated == ("staging",)
+    table = registry.versions_table([row])
+    assert "staging!" in table and "outside the promotion gate" in table
+    with pytest.raises(registry.RegistryError, match="never passed a non-forced promotion to 'staging'"):
+        registry.promote(cfg, model=cfg.registry.policy_name, version=version, to="production", user="bob")
 
 
 # -------------------------------------------------------------------------------------- CLI

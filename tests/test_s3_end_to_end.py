@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from test_pipeline import demo_config
 
-from safe_rlhf_v import storage
+from safe_rlhf_v import registry, storage
 from safe_rlhf_v.config import config_from_dict
 from safe_rlhf_v.pipelines.local import run_local
 
@@ -37,7 +37,7 @@ def test_pipeline_reads_data_logs_artifacts_and_registers_models_on_s3(
     sources = {}
     for role, model_uri in run.stages["register"]["outputs"].items():
         name, version = model_uri.removeprefix("models:/").split("/")
-        sources[role] = client.get_model_version(name, version).source
+        sources[role] = registry.folder_of(client.get_model_version(name, version))
     pipeline_run_id = run.stages["register"]["pipeline_run_id"]
     assert sources == {
         role: f"s3://{s3_bucket}/models/{pipeline_run_id}/{role}"

@@ -1,11 +1,15 @@
 """The MLflow Model Registry side of the pipeline: register a run's models, promote through aliases.
 
-A pipeline run produces four models (policy, reward, cost, guard). `register_run_models` records each
-as a version of its registered model whose `source` is the artifact's own location (an `s3://` URI in a
-cluster, an absolute folder locally) and whose `run_id` is the training stage's MLflow run, so the UI
-links a version to the run that made it. Tags carry the lineage a reviewer needs without opening
-anything else: the pipeline run, the data digests, the base model and model digests, the upstream
-model versions the policy was trained and evaluated with, and the headline evaluation figures.
+A pipeline run produces four models (policy, reward, cost, guard). `register_run_models` logs each
+as an MLflow 3 logged model (a `python_function` model with a signature and a model card that
+references the safetensors folder, see `mlflow_models`) and registers that as a version of its
+registered model: the version's `source` is the logged model (`models:/<model id>`), so
+`mlflow.pyfunc.load_model("models:/NAME@ALIAS")` works, its `model_folder` tag is the folder's own
+location (an `s3://` URI in a cluster, an absolute folder locally), and its `run_id` is the training
+stage's MLflow run, so the UI links a version to the run that made it. Tags carry the lineage a
+reviewer needs without opening anything else: the pipeline run, the data digests, the base model
+and model digests, the upstream model versions the policy was trained and evaluated with, and the
+headline evaluation figures.
 
 Registration is keyed by content and lineage: bytes already registered under a model name get that
 version back (no new version, no alias moved), and a pipeline run id other than the one that trained
@@ -31,11 +35,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import mlflow
+from mlflow.entities import LoggedModelInput
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from safe_rlhf_v import storage, tracking
+from safe_rlhf_v import mlflow_models, storage, tracking
 from safe_rlhf_v.config import HarmJudge, PipelineConfig, PromotionAlias, ShareBound
 from safe_rlhf_v.errors import UserError
 from safe_rlhf_v.lineage import SPLITS, model_digest, read_lineage
@@ -90,6 +96,7 @@ HARM_JUDGES = (
 
 PIPELINE_RUN_TAG = "pipeline_run_id"
 MODEL_SHA_TAG = "model_sha256"
+FOLDER_TAG = mlflow_models.FOLDER_TAG
 UPSTREAM_TAG = "{role}_model_version"
 """The policy version's tag naming the reward, cost or guard version it was trained and evaluated with."""
 _POLICY_LINEAGE = ("variant", "reward_model_sha256", "cost_model_sha256")
@@ -119,12 +126,15 @@ class ModelVersionRef:
     name: str
     version: str
     source: str
+    """The model folder (or `s3://` prefix) the version's logged model references."""
     created: bool
     model_sha256: str
     registered_in: str
     """The pipeline run whose registration made the version (an earlier one when `created` is False)."""
     alias: str | None = None
     """The alias this registration pointed at the version; None when it moved none."""
+    model_id: str | None = None
+    """The MLflow 3 logged model the version is (None for a version registered as a bare folder)."""
 
     @property
     def uri(self) -> str:
@@ -182,6 +192,9 @@ class VersionInfo:
     pipeline_run_id: str | None
     created: str
     figures: dict[str, float]
+    ungated: tuple[str, ...] = ()
+    """Gate aliases (`staging`, `production`) the version holds without a promotion record for them:
+    moved outside `promote`, e.g. with the MLflow UI's alias editor, so no gate passed."""
 
 
 # ----------------------------------------------------------------------------- tracking access
@@ -382,6 +395,12 @@ def registration_run_id(policy_uri: str, evaluation_uri: str, pipeline_run_id: s
     return run_id
 
 
+def folder_of(version: ModelVersion) -> str:
+    """The folder a version's weights are in: its `model_folder` tag, or the `source` of a version
+    registered before versions were logged models (then the source was the folder itself)."""
+    return version.tags.get(FOLDER_TAG) or version.source
+
+
 def _version_holding(client: MlflowClient, name: str, digest: str) -> ModelVersion | None:
     """The version of `name` that already holds these bytes, whoever registered it and from where.
 
@@ -403,7 +422,7 @@ def _refuse_changed_artifact(
     )
     for version in sorted(found, key=lambda version: int(version.version)):
         recorded = version.tags.get(MODEL_SHA_TAG)
-        if version.source == source and recorded != digest:
+        if folder_of(version) == source and recorded != digest:
             raise RegistryError(
                 f"{name} version {version.version} was registered from {source} with sha256 {recorded}, but "
                 f"the folder now has sha256 {digest}: the artifact changed after it was registered"
@@ -437,27 +456,100 @@ def _check_run_exists(client: MlflowClient, run_id: str, role: Role, uri: str) -
         ) from None
 
 
+def version_links(refs: Mapping[str, ModelVersionRef]) -> str:
+    """Markdown links to versions, which the MLflow UI renders in a description (tags stay plain text)."""
+    return ", ".join(
+        f"[{ref.name} v{ref.version}](#/models/{ref.name}/versions/{ref.version})" for ref in refs.values()
+    )
+
+
+def _card(
+    client: MlflowClient,
+    role: Role,
+    lineage: Mapping[str, Any],
+    source: str,
+    digest: str,
+    evaluation: Mapping[str, float],
+) -> str:
+    """The model card, from the lineage, the training run's settings and figures, and the evaluation."""
+    run = client.get_run(lineage["mlflow_run_id"])
+    return mlflow_models.model_card(
+        role,
+        lineage,
+        digest,
+        source,
+        training_params=run.data.params,
+        training_metrics=run.data.metrics,
+        evaluation={key: evaluation[key] for key in HEADLINE_METRICS + JUDGE_METRICS if key in evaluation},
+    )
+
+
 def _register_one(
-    client: MlflowClient, role: Role, name: str, uri: str, lineage: Mapping[str, Any], tags: dict[str, str]
+    client: MlflowClient,
+    cfg: PipelineConfig,
+    role: Role,
+    uri: str,
+    lineage: Mapping[str, Any],
+    tags: dict[str, str],
+    upstream: Mapping[str, ModelVersionRef],
+    evaluation: Mapping[str, float],
 ) -> ModelVersionRef:
-    """The version already holding these bytes, or a new one: one version per content, never two."""
+    """The version already holding these bytes, or a new one: one version per content, never two.
+
+    A new version is a new logged model (MLmodel, signature, card; the weights referenced, see
+    `mlflow_models`), so bytes already registered log nothing either.
+    """
+    name = getattr(cfg.registry, f"{role}_name")
     source = source_uri(uri)
     digest, pipeline_run_id = tags[MODEL_SHA_TAG], tags[PIPELINE_RUN_TAG]
     _refuse_changed_artifact(client, name, pipeline_run_id, source, digest)
     existing = _version_holding(client, name, digest)
     if existing is not None:
         registered_in = existing.tags.get(PIPELINE_RUN_TAG, "")
-        return ModelVersionRef(name, str(existing.version), existing.source, False, digest, registered_in)
+        model_id = (
+            existing.source.removeprefix("models:/") if existing.source.startswith("models:/m-") else None
+        )
+        return ModelVersionRef(
+            name, str(existing.version), folder_of(existing), False, digest, registered_in, model_id=model_id
+        )
     _check_run_exists(client, lineage["mlflow_run_id"], role, uri)
     _ensure_registered_model(client, name, role)
+    config = mlflow_models.model_config(cfg, role, source, digest)
+    if "guard" in upstream:
+        guard = upstream["guard"]
+        config["guard"] = {"role": "guard", "folder": guard.source, "sha256": guard.model_sha256}
+    logged = mlflow_models.log_registered_model(
+        client,
+        role,
+        source_run_id=lineage["mlflow_run_id"],
+        config=config,
+        card=_card(client, role, lineage, source, digest, evaluation),
+    )
+    description = f"{role} model from {TRAINED_BY[role]} in pipeline run {lineage['pipeline_run_id']}"
+    if upstream:
+        description += f". Trained and evaluated with {version_links(upstream)}."
     version = client.create_model_version(
         name,
-        source=source,
+        source=f"models:/{logged.model_id}",
         run_id=lineage["mlflow_run_id"],
-        tags=tags,
-        description=f"{role} model from {TRAINED_BY[role]} in pipeline run {lineage['pipeline_run_id']}",
+        tags=tags | {FOLDER_TAG: source},
+        description=description,
+        model_id=logged.model_id,
     )
-    return ModelVersionRef(name, str(version.version), source, True, digest, pipeline_run_id)
+    return ModelVersionRef(
+        name, str(version.version), source, True, digest, pipeline_run_id, model_id=logged.model_id
+    )
+
+
+def _link_upstream_inputs(
+    client: MlflowClient, policy_run_id: str, refs: Mapping[str, ModelVersionRef]
+) -> None:
+    """Show the reward and cost models as MLflow 3 model inputs of the PPO run that trained against
+    them, so its page links them instead of naming digests. Only when this registration created the
+    policy version: a retry or re-registration would add the same inputs again."""
+    upstream = [refs[role].model_id for role in ("reward", "cost")]
+    if refs["policy"].created and all(upstream):
+        client.log_inputs(policy_run_id, models=[LoggedModelInput(str(model_id)) for model_id in upstream])
 
 
 def _moves_alias(client: MlflowClient, policy: ModelVersionRef, pipeline_run_id: str, alias: str) -> bool:
@@ -510,15 +602,20 @@ def register_run_models(
     for role in ("reward", "cost"):
         _check_upstream(lineages["policy"], role, digests[role], uris[role])
     client, tracking_uri = client_for(cfg)
+    # A local store resolves a version's `models:/<id>` source through the process-wide tracking
+    # URI, so it must be this store's (the stages have set it already; a direct call may not).
+    mlflow.set_tracking_uri(tracking_uri)
     refs: dict[str, ModelVersionRef] = {}
     with tracking.tracking_errors(tracking_uri):
         for role in ROLES:
             tags = _lineage_tags(lineages[role], pipeline_run_id, digests[role])
+            upstream: dict[str, ModelVersionRef] = {}
             if role == "policy":
                 upstream = {name: refs[name] for name in ("reward", "cost", "guard")}
                 tags |= _policy_tags(upstream, evaluation, evaluation_uri)
-            name = getattr(cfg.registry, f"{role}_name")
-            refs[role] = _register_one(client, role, name, uris[role], lineages[role], tags)
+            figures = evaluation.metrics if role == "policy" else {}
+            refs[role] = _register_one(client, cfg, role, uris[role], lineages[role], tags, upstream, figures)
+        _link_upstream_inputs(client, lineages["policy"]["mlflow_run_id"], refs)
         policy, alias = refs["policy"], cfg.registry.candidate_alias
         if _moves_alias(client, policy, pipeline_run_id, alias):
             client.set_registered_model_alias(policy.name, alias, policy.version)
@@ -757,14 +854,19 @@ def gate_table(checks: list[GateCheck]) -> str:
 def _version_info(version: ModelVersion, aliases: Mapping[str, str]) -> VersionInfo:
     created = datetime.fromtimestamp(version.creation_timestamp / 1000, tz=timezone.utc)
     figures = {key: value for key in HEADLINE_METRICS if (value := _figure(version.tags, key)) is not None}
+    held = tuple(sorted(alias for alias, holder in aliases.items() if holder == str(version.version)))
+    recorded = {
+        value for key, value in version.tags.items() if _RECORD_RE.match(key) and key.endswith(".alias")
+    }
     return VersionInfo(
         name=version.name,
         version=str(version.version),
-        aliases=tuple(sorted(alias for alias, held in aliases.items() if held == str(version.version))),
-        source=version.source,
+        aliases=held,
+        source=folder_of(version),
         pipeline_run_id=version.tags.get(PIPELINE_RUN_TAG),
         created=created.isoformat(timespec="seconds"),
         figures=figures,
+        ungated=tuple(alias for alias in held if alias in PROMOTION_TARGETS and alias not in recorded),
     )
 
 
@@ -794,10 +896,14 @@ def versions_table(rows: list[VersionInfo]) -> str:
     for row in rows:
         figures = [row.figures.get(key) for key in (REWARD_KEY, COST_KEY, HARMFUL_SHARE_KEY)]
         cells = ["-" if value is None else f"{value:.3f}" for value in figures]
-        aliases = ",".join(row.aliases) or "-"
+        aliases = ",".join(f"{alias}!" if alias in row.ungated else alias for alias in row.aliases) or "-"
         lines.append(
             f"{row.name:<24} {row.version:>4}  {aliases:<20} {cells[0]:>8} {cells[1]:>8} {cells[2]:>8}  "
             f"{row.pipeline_run_id or '-':<24} {row.source}"
+        )
+    if any(row.ungated for row in rows):
+        lines.append(
+            "! alias moved outside the promotion gate (no promotion record): re-run promote to gate it"
         )
     return "\n".join(lines)
 
@@ -810,8 +916,8 @@ _MODEL_URI_RE = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<
 def resolve_version(cfg: PipelineConfig, uri: str) -> ModelVersion:
     """The version a `models:/NAME@ALIAS` or `models:/NAME/VERSION` URI names, for loading it.
 
-    What a person types to serve "whatever production is now"; the version's `source` is the
-    folder (or `s3://` prefix) to load, and its tags name the upstream models it was evaluated with.
+    What a person types to serve "whatever production is now"; `folder_of` the version is the folder
+    (or `s3://` prefix) to load, and its tags name the upstream models it was evaluated with.
     """
     match = _MODEL_URI_RE.fullmatch(uri)
     if match is None:

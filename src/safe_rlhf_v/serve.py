@@ -128,8 +128,9 @@ def _registered_source(cfg: PipelineConfig, uri: str, role: str) -> tuple[str, M
     from safe_rlhf_v import registry
 
     version = registry.resolve_version(cfg, uri)
-    log.info("%s %s is %s version %s at %s", role, uri, version.name, version.version, version.source)
-    return version.source, version
+    folder = registry.folder_of(version)
+    log.info("%s %s is %s version %s at %s", role, uri, version.name, version.version, folder)
+    return folder, version
 
 
 def resolve_served_model(

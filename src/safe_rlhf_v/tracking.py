@@ -41,6 +41,11 @@ from safe_rlhf_v.config import TrackingConfig
 from safe_rlhf_v.errors import UserError, redact
 
 PIPELINE_RUN_TAG = "kfp.pipeline_run_id"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+"""The MLflow 3 UI opens an experiment of this kind on its runs, not on the GenAI traces overview."""
+NOTE_TAG = "mlflow.note.content"
+"""A run's description, which the UI renders as markdown (tags show as plain text)."""
 STAGE_TAG = "safe_rlhf_v.stage"
 DIGEST_PREFIX_CHARS = 32
 HTTP_TIMEOUT_S = 20
@@ -99,6 +104,9 @@ def resolve_tracking_uri(tracking: TrackingConfig, work_dir: str | Path) -> str:
 def configure(tracking: TrackingConfig, work_dir: str | Path) -> str:
     """Point MLflow at the store and experiment; returns the experiment id.
 
+    The experiment is tagged as a training experiment (`EXPERIMENT_KIND_TAG`): untagged, MLflow 3's UI
+    guesses its kind and opened this one on the GenAI overview (traces, tokens) instead of its runs.
+
     With a local sqlite store the experiment's artifacts go to `<work_dir>/mlruns` (absolute), so they
     do not depend on the working directory of whichever process logs them.
     """
@@ -109,12 +117,18 @@ def configure(tracking: TrackingConfig, work_dir: str | Path) -> str:
     with tracking_errors(uri):
         experiment = client.get_experiment_by_name(tracking.experiment)
         if experiment is not None:
+            if EXPERIMENT_KIND_TAG not in experiment.tags:  # a kind someone chose in the UI stays
+                client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
             mlflow.set_experiment(experiment_id=experiment.experiment_id)
             return experiment.experiment_id
         artifact_location = tracking.artifact_location
         if artifact_location is None and uri.startswith("sqlite:"):
             artifact_location = (Path(work_dir).resolve() / layout.MLRUNS).as_uri()
-        experiment_id = client.create_experiment(tracking.experiment, artifact_location=artifact_location)
+        experiment_id = client.create_experiment(
+            tracking.experiment,
+            artifact_location=artifact_location,
+            tags={EXPERIMENT_KIND_TAG: TRAINING_KIND},
+        )
         mlflow.set_experiment(experiment_id=experiment_id)
         return experiment_id
 
@@ -210,8 +224,11 @@ def stage_run(
     mlflow.end_run("FINISHED")
 
 
-def finish_pipeline(experiment_id: str, pipeline_run_id: str, headline: Mapping[str, float]) -> None:
-    """End the pipeline's parent run FINISHED, with its headline figures and its duration.
+def finish_pipeline(
+    experiment_id: str, pipeline_run_id: str, headline: Mapping[str, float], description: str | None = None
+) -> None:
+    """End the pipeline's parent run FINISHED, with its headline figures, its duration and a markdown
+    `description` (the registered versions as links).
 
     The last stage (register) calls this. Without it the parent of a successful run would stay
     RUNNING forever, with no figures to compare runs by in the MLflow UI.
@@ -224,6 +241,8 @@ def finish_pipeline(experiment_id: str, pipeline_run_id: str, headline: Mapping[
     for key, value in sorted(headline.items()):
         client.log_metric(parent.info.run_id, key, float(value), timestamp=now_ms)
     client.log_metric(parent.info.run_id, "pipeline_duration_s", (now_ms - parent.info.start_time) / 1000)
+    if description:
+        client.set_tag(parent.info.run_id, NOTE_TAG, description)
     client.set_terminated(parent.info.run_id, status="FINISHED", end_time=now_ms)
 
 

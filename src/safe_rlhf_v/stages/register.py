@@ -2,7 +2,8 @@
 
 The stage reads the four model folders and the evaluation's result and writes nothing to them; its
 output is registry state (versions, tags, the `candidate` alias) plus its own MLflow run, which
-records which folders (URIs and digests) became which versions.
+records which folders (URIs and digests) became which versions, takes the four logged models as its
+MLflow 3 model inputs and links the versions in its description and the pipeline run's.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import mlflow
+from mlflow.entities import LoggedModelInput
+from mlflow.tracking import MlflowClient
 
 from safe_rlhf_v import registry, storage, tracking
 from safe_rlhf_v.config import PipelineConfig
@@ -75,7 +78,10 @@ def run(
         )
         for role, ref in refs.items():
             tracking.log_model_reference(f"input.{role}", ref.source, ref.model_sha256)
-            mlflow.set_tag(f"registered.{role}", ref.uri)
+        description = f"Registered: {registry.version_links(refs)}."
+        mlflow.set_tag(tracking.NOTE_TAG, description)
+        logged = [LoggedModelInput(ref.model_id) for ref in refs.values() if ref.model_id]
+        MlflowClient().log_inputs(mlflow.active_run().info.run_id, models=logged)
         versions = {role: asdict(ref) | {"uri": ref.uri} for role, ref in refs.items()}
         mlflow.log_dict(versions, f"{STAGE}/registered_models.json")
         created = sum(ref.created for ref in refs.values())
@@ -88,5 +94,6 @@ def run(
             mlflow.active_run().info.experiment_id,
             pipeline_run_id,
             registry.read_evaluation(evaluation_uri).metrics,
+            description,
         )
     return result
