@@ -86,6 +86,7 @@ def test_the_ui_shows_the_policy_versions_flavour_and_signature_and_a_finished_p
             page.goto(f"{mlflow_ui}/#/models/{names.policy_name}/versions/1")
             body = page.locator("body")
             expect(body).to_contain_text("Schema")
+            page.get_by_text(re.compile(r"^Inputs \(2\)$")).first.click()  # the schema table starts folded
             expect(body).to_contain_text("image")
             expect(body).to_contain_text("question")
 
