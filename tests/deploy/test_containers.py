@@ -188,5 +188,33 @@ def test_every_copied_file_is_in_the_build_context() -> None:
     for name, path in DOCKERFILES.items():
         for op, args in instructions(path):
             if op == "COPY" and not args.startswith("--from"):
-                sources = args.split()[:-1]
+                sources = [word for word in args.split()[:-1] if not word.startswith("--")]
                 assert set(sources) <= context, f"{name}: COPY {args}: not in the context"
+
+
+def test_the_mpi_node_pods_can_run_from_the_training_image() -> None:
+    """The `safe-rlhf-v-deepspeed` runtime starts sshd from our image on its node pods and mpirun on
+    its launcher: the image must install both, ship the entry point the runtime names, and agree
+    with the runtime on the port its readiness probe checks."""
+    import yaml
+
+    runtime = yaml.safe_load((ROOT / "manifests/base/trainer-runtime/safe-rlhf-v-deepspeed.yaml").read_text())
+    jobs = {job["name"]: job for job in runtime["spec"]["template"]["spec"]["replicatedJobs"]}
+    node = jobs["node"]["template"]["spec"]["template"]["spec"]["containers"][0]
+    dockerfile = instructions(DOCKERFILES["Dockerfile.train"])
+    installs = " ".join(args for op, args in dockerfile if op == "RUN" and "apt-get install" in args)
+    assert "openssh-server" in installs and "openmpi-bin" in installs
+    assert "--shell /usr/sbin/nologin" not in installs, "mpirun's ssh needs a login shell"
+    copied = {args.split()[-1]: args.split()[-2] for op, args in dockerfile if op == "COPY"}
+    entry = node["command"][0]
+    assert entry in copied, f"the runtime runs {entry}, which the image does not ship"
+    script = (ROOT / copied[entry]).read_text()
+    sshd_config = next(path for path, src in copied.items() if src == "containers/sshd_config")
+    assert f"-f {sshd_config}" in script
+    port = node["readinessProbe"]["tcpSocket"]["port"]
+    assert f"Port {port}" in (ROOT / "containers/sshd_config").read_text().splitlines()
+    assert f"    Port {port}" in (ROOT / "containers/ssh_config").read_text().splitlines()
+    assert runtime["spec"]["mlPolicy"]["mpi"]["sshAuthMountPath"] == "/home/app/.ssh"
+    assert (
+        "AuthorizedKeysFile /home/app/.ssh/authorized_keys" in (ROOT / "containers/sshd_config").read_text()
+    )
