@@ -8,9 +8,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import boto3
 import pytest
@@ -18,6 +16,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from registered_run import RegisteredRun
+
 import safe_rlhf_v  # noqa: F401  (switches telemetry off before other imports)
 
 
@@ -125,16 +125,6 @@ def silent_endpoint() -> Iterator[str]:
     for connection in held:
         connection.close()
     server.close()
-
-
-@dataclass(frozen=True)
-class RegisteredRun:
-    """A pipeline run's four real tiny models, registered by the register stage into a fresh store."""
-
-    cfg: Any
-    tracking_uri: str
-    folders: dict[str, Path]
-    data_sha256: dict[str, str]
 
 
 @pytest.fixture(scope="session")

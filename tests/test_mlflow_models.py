@@ -12,9 +12,9 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from conftest import RegisteredRun
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from registered_run import RegisteredRun
 
 from safe_rlhf_v import registry, storage, tracking
 from safe_rlhf_v.mlflow_models import (

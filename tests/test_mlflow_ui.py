@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import RegisteredRun
 from mlflow.tracking import MlflowClient
+from registered_run import RegisteredRun
 
 from safe_rlhf_v import tracking
 
