@@ -5,7 +5,8 @@ Each step is the train-reward stage's own step, single process: rows from a `dat
 stage's loader, `RewardObjective`'s loss, `backward_and_step`. Stage defaults (max_length, freezing,
 regularisation, optimizer) come from `RewardStageConfig`, so a default run measures what the
 stage runs. The first `--warmup` steps are excluded (allocator growth, lazy init, CUDA kernels'
-first launch).
+first launch). Without `--model` it builds a random-weight LLaVA of `--shape` (the demo's sizes,
+or the `7b-like` and `1b` shapes the GPU check runs), so nothing is downloaded.
 
 Figures printed (and with `--json` also as one JSON line, the last line of output):
 
