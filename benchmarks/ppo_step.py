@@ -56,7 +56,7 @@ from unittest import mock
 
 import datasets
 import torch
-from reward_throughput import DEMO_TOKENIZER_ROWS, peak_rss_mib, select_device
+from reward_throughput import DEMO_TOKENIZER_ROWS, SHAPES, peak_rss_mib, select_device, shape_spec
 from torch import nn
 from transformers import AutoProcessor, ProcessorMixin
 
@@ -116,6 +116,9 @@ REFERENCE_SETTINGS = {
     "precision": "fp32",
     "zero_stage": 0,
 }
+# --rollout-engine's choices and the trainer's engine class each stands for; the run stops if the
+# trainer samples through another, so a figure is never credited to the wrong engine.
+ROLLOUT_ENGINES = {"hf": "HFEngine"}
 DEFAULTS = {"prompts": 4, "max_new_tokens": 32, "precision": "auto", "zero_stage": 0}
 
 
@@ -148,6 +151,7 @@ class Report:
     torch_threads: int
     omp_wait_policy: str
     model: str
+    rollout_engine: str
     actor_params: int
     actor_trained_params: int
     actor_params_without_vocab: int
@@ -169,6 +173,7 @@ class Report:
     samples_per_s: float
     best_samples_per_s: float
     mean_generated_length: float
+    rollout_tokens_per_s: float  # answer tokens sampled per second of `generate`, over the measured steps
     sequence_tokens: tuple[int, int]  # counted prompt + answer tokens over the measured steps
     peak_memory_mib: float
     setup_peak_memory_mib: float | None
@@ -190,6 +195,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="the reference's 13,634,560-parameter LLaVA, 151-155-token sequences, 4 prompts, 32 new "
         "tokens, fp32, ZeRO-0",
+    )
+    parser.add_argument(
+        "--shape",
+        choices=tuple(SHAPES),
+        default="demo",
+        help="named sizes of the built model (spec flags override single fields; not with "
+        "--reference-shapes)",
+    )
+    parser.add_argument(
+        "--rollout-engine",
+        choices=tuple(ROLLOUT_ENGINES),
+        default="hf",
+        help="the engine the trainer samples with; the run stops if it samples through another",
     )
     parser.add_argument("--steps", type=int, default=10, help="measured steps (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="steps run before measuring (default 2)")
@@ -227,7 +245,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
-    spec = parser.add_argument_group("demo model sizes (TinyVLMSpec; not with --reference-shapes)")
+    spec = parser.add_argument_group("model sizes (TinyVLMSpec, over --shape; not with --reference-shapes)")
     for field in _spec_fields():
         flag = "--" + field.name.replace("_", "-")
         spec.add_argument(
@@ -245,6 +263,8 @@ def _resolve_settings(parser: argparse.ArgumentParser, args: argparse.Namespace)
         if overrides:
             flags = ", ".join("--" + name.replace("_", "-") for name in overrides)
             parser.error(f"{flags}: --reference-shapes fixes the model size")
+        if args.shape != "demo":
+            parser.error(f"--shape {args.shape}: --reference-shapes fixes the model size")
         for name, value in REFERENCE_SETTINGS.items():
             given = getattr(args, name)
             if given is not None and given != value:
@@ -275,7 +295,7 @@ def _spec_overrides(args: argparse.Namespace) -> dict[str, int]:
 
 
 def model_spec(args: argparse.Namespace) -> TinyVLMSpec:
-    return REFERENCE_SPEC if args.reference_shapes else TinyVLMSpec(**_spec_overrides(args))
+    return REFERENCE_SPEC if args.reference_shapes else shape_spec(args.shape, _spec_overrides(args))
 
 
 def model_name(args: argparse.Namespace) -> str:
@@ -286,7 +306,7 @@ def model_name(args: argparse.Namespace) -> str:
             if getattr(REFERENCE_SPEC, f.name) != f.default
         )
     sizes = ", ".join(f"{name}={value}" for name, value in _spec_overrides(args).items())
-    return f"demo tiny LLaVA, TinyVLMSpec({sizes or 'defaults'})"
+    return f"random-weight LLaVA, shape {args.shape}" + (f" with {sizes}" if sizes else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -582,6 +602,12 @@ def run(args: argparse.Namespace, root: Path) -> Report:
             f"expected one process on {args.device}, got {trainer.dist.world_size} on {trainer.dist.device}: "
             "run the benchmark as a single plain python process"
         )
+    engine_class = type(trainer.engine).__name__
+    if engine_class != ROLLOUT_ENGINES[args.rollout_engine]:
+        raise SystemExit(
+            f"--rollout-engine {args.rollout_engine} expects the trainer to sample with "
+            f"{ROLLOUT_ENGINES[args.rollout_engine]}, but it samples with {engine_class}"
+        )
     actor = trainer.roles.actor.module
     actor_params, actor_core = count_params(actor)
     actor_trained = trained_params(actor)
@@ -607,6 +633,7 @@ def run(args: argparse.Namespace, root: Path) -> Report:
         torch_threads=torch.get_num_threads(),
         omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "(unset)"),
         model=model_name(args),
+        rollout_engine=f"{args.rollout_engine} ({engine_class})",
         actor_params=actor_params,
         actor_trained_params=actor_trained,
         actor_params_without_vocab=actor_core,
@@ -628,6 +655,9 @@ def run(args: argparse.Namespace, root: Path) -> Report:
         samples_per_s=args.prompts / mean["total"],
         best_samples_per_s=args.prompts / best["total"],
         mean_generated_length=statistics.fmean(t.generated_length for t in measured),
+        rollout_tokens_per_s=args.prompts
+        * sum(t.generated_length for t in measured)
+        / sum(t.generate for t in measured),
         sequence_tokens=(
             min(t.min_sequence_tokens for t in measured),
             max(t.max_sequence_tokens for t in measured),
@@ -676,6 +706,7 @@ def format_report(r: Report, reference: bool) -> str:
         *(row(name) for name in PARTS),
         f"samples/s     {r.samples_per_s:.2f} (mean step), {r.best_samples_per_s:.2f} (best step)",
         f"answer length {r.mean_generated_length:.1f} tokens on average",
+        f"rollout       {r.rollout_tokens_per_s:,.1f} answer tokens/s while generating ({r.rollout_engine})",
         f"peak memory   {r.peak_memory_mib:,.0f} MiB ({r.peak_memory_kind}{setup})",
     ]
     if r.gflop is not None:

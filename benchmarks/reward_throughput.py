@@ -5,7 +5,8 @@ Each step is the train-reward stage's own step, single process: rows from a `dat
 stage's loader, `RewardObjective`'s loss, `backward_and_step`. Stage defaults (max_length, freezing,
 regularisation, optimizer) come from `RewardStageConfig`, so a default run measures what the
 stage runs. The first `--warmup` steps are excluded (allocator growth, lazy init, CUDA kernels'
-first launch).
+first launch). Without `--model` it builds a random-weight LLaVA of `--shape` (the demo's sizes,
+or the `7b-like` and `1b` shapes the GPU check runs), so nothing is downloaded.
 
 Figures printed (and with `--json` also as one JSON line, the last line of output):
 
@@ -57,6 +58,45 @@ if TYPE_CHECKING:  # the train package imports deepspeed, which must wait for se
     from safe_rlhf_v.train.reward import RewardObjective
 
 DEMO_TOKENIZER_ROWS = 600  # what `safe-rlhf-v make-demo-model` trains the demo tokenizer on
+# Named model sizes for runs on a GPU; the random-weight model is built from the spec, never
+# downloaded. A spec flag (`--text-layers`, ...) overrides one field of the chosen shape.
+SHAPES = {
+    "demo": TinyVLMSpec(),
+    # LLaVA-1.5-7B's matrix shapes: a CLIP ViT-L/14 tower at 336 px (576 image tokens) and Llama-7B's
+    # decoder layer (4096 wide, 32 heads, FFN 11008). Only 8 of its 32 decoder layers, so that
+    # building, saving and loading the random weights fits the GPU check's budget: per-layer shapes,
+    # hence MFU, are 7B's; memory grows with `--text-layers 32` by about the extra layers' share.
+    "7b-like": TinyVLMSpec(
+        image_size=336,
+        patch_size=14,
+        vision_hidden=1024,
+        vision_layers=24,
+        vision_heads=16,
+        vision_ffn=4096,
+        text_hidden=4096,
+        text_layers=8,
+        text_heads=32,
+        text_ffn=11008,
+        vocab_size=32000,
+        max_positions=4096,
+    ),
+    # A TinyLlama-sized decoder (2048 wide, 24 layers, FFN 5632) on a CLIP ViT-B/16 tower at 224 px
+    # (196 image tokens): about 1.3 B actor parameters, so all six PPO roles fit one GPU.
+    "1b": TinyVLMSpec(
+        image_size=224,
+        patch_size=16,
+        vision_hidden=768,
+        vision_layers=12,
+        vision_heads=12,
+        vision_ffn=3072,
+        text_hidden=2048,
+        text_layers=24,
+        text_heads=16,
+        text_ffn=5632,
+        vocab_size=32000,
+        max_positions=2048,
+    ),
+}
 # bf16 dense tensor-core peaks (TFLOP/s) from NVIDIA's data sheets; first substring match wins.
 PEAK_TFLOPS_BY_NAME = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 
@@ -79,6 +119,7 @@ class Report:
     device_name: str
     torch_threads: int
     model: str
+    shape: str
     trained_params: int
     frozen_params: int
     pairs_per_step: int
@@ -86,6 +127,7 @@ class Report:
     warmup: int
     zero_stage: int
     precision: str
+    gradient_checkpointing: bool
     max_length: int
     seconds: float
     pairs_per_s: float
@@ -111,7 +153,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     stage = RewardStageConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--model", type=Path, help="base model folder (default: build the demo model)")
+    parser.add_argument("--model", type=Path, help="base model folder (default: build one of --shape)")
     parser.add_argument("--data", help="data folder or URI with a train split (default: synthetic rows)")
     parser.add_argument("--steps", type=int, default=20, help="measured steps (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="steps run before measuring (default 3)")
@@ -120,11 +162,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=stage.train.zero_stage)
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=stage.train.precision)
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        default=stage.train.gradient_checkpointing,
+        help="recompute activations in backward (TrainConfig.gradient_checkpointing); model FLOP/s "
+        "and MFU still count each weight's work once, not the recomputation",
+    )
+    parser.add_argument(
+        "--shape",
+        choices=tuple(SHAPES),
+        default="demo",
+        help="named sizes of the built model (spec flags override single fields; only without --model)",
+    )
     parser.add_argument("--max-length", type=int, default=stage.max_length)
     parser.add_argument("--peak-tflops", type=float, help="GPU peak TFLOP/s for MFU (default: by GPU name)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
-    spec = parser.add_argument_group("demo model sizes (TinyVLMSpec; only without --model)")
+    spec = parser.add_argument_group("built model sizes (TinyVLMSpec, over --shape; only without --model)")
     for field in _spec_fields():
         flag = "--" + field.name.replace("_", "-")
         spec.add_argument(
@@ -136,15 +191,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.warmup < 0:
         parser.error(f"--warmup must be 0 or more, got {args.warmup}")
-    if args.model is not None and _spec_overrides(args):
-        flags = ", ".join("--" + name.replace("_", "-") for name in _spec_overrides(args))
-        parser.error(f"{flags} size the built demo model and cannot apply to --model")
+    if args.model is not None and (_spec_overrides(args) or args.shape != "demo"):
+        flags = ", ".join("--" + name.replace("_", "-") for name in [*_spec_overrides(args), "shape"])
+        parser.error(f"{flags} size the built model and cannot apply to --model")
     return args
 
 
 def _spec_overrides(args: argparse.Namespace) -> dict[str, int]:
     values = {field.name: getattr(args, f"spec_{field.name}") for field in _spec_fields()}
     return {name: value for name, value in values.items() if value is not None}
+
+
+def shape_spec(shape: str, overrides: dict[str, int]) -> TinyVLMSpec:
+    """The named shape's sizes with the fields the spec flags set replaced."""
+    return dataclasses.replace(SHAPES[shape], **overrides)
 
 
 def select_device(device: str) -> None:
@@ -207,10 +267,11 @@ def load_rows(args: argparse.Namespace) -> datasets.Dataset:
     return to_dataset(generate_records(rows, seed=args.seed, split="train"))
 
 
-def build_demo_model(out_dir: Path, train: datasets.Dataset, args: argparse.Namespace) -> Path:
-    """The demo tiny LLaVA, its tokenizer trained on the rows' texts as `make-demo-model` does."""
+def build_model(out_dir: Path, train: datasets.Dataset, args: argparse.Namespace) -> Path:
+    """A random-weight LLaVA of `--shape` (random, so nothing is downloaded), its tokenizer trained on
+    the rows' texts as `make-demo-model` does."""
     texts = train.select_columns(["question", "response_1", "response_2"])
-    spec = TinyVLMSpec(**_spec_overrides(args))
+    spec = shape_spec(args.shape, _spec_overrides(args))
     return build_tiny_vlm(out_dir, corpus(list(texts)), spec=spec, seed=args.seed)
 
 
@@ -233,6 +294,7 @@ def run(args: argparse.Namespace, model_dir: Path, train: datasets.Dataset) -> R
         per_device_batch_size=args.batch_size,
         zero_stage=args.zero_stage,
         precision=args.precision,
+        gradient_checkpointing=args.gradient_checkpointing,
         max_steps=total,
         seed=args.seed,
     )
@@ -305,9 +367,9 @@ def _train_step(
     )
 
 
-def _demo_model_name(args: argparse.Namespace) -> str:
+def _built_model_name(args: argparse.Namespace) -> str:
     sizes = ", ".join(f"{name}={value}" for name, value in _spec_overrides(args).items())
-    return f"demo tiny LLaVA, TinyVLMSpec({sizes or 'defaults'})"
+    return f"random-weight LLaVA, shape {args.shape}" + (f" with {sizes}" if sizes else "")
 
 
 def _report(
@@ -331,7 +393,8 @@ def _report(
         device=args.device,
         device_name=device_name,
         torch_threads=torch.get_num_threads(),
-        model=str(args.model) if args.model else _demo_model_name(args),
+        model=str(args.model) if args.model else _built_model_name(args),
+        shape="--model" if args.model else args.shape,
         trained_params=trained,
         frozen_params=frozen,
         pairs_per_step=args.batch_size,
@@ -339,6 +402,7 @@ def _report(
         warmup=args.warmup,
         zero_stage=args.zero_stage,
         precision=precision,
+        gradient_checkpointing=args.gradient_checkpointing,
         max_length=args.max_length,
         seconds=seconds,
         pairs_per_s=args.batch_size * len(measured) / seconds,
@@ -367,6 +431,7 @@ def format_report(r: Report) -> str:
             f"model         {r.model}",
             f"parameters    {r.trained_params:,} trained + {r.frozen_params:,} frozen (embeddings excluded)",
             f"setup         {r.pairs_per_step} pairs/step, ZeRO-{r.zero_stage}, {r.precision}, "
+            f"gradient checkpointing {'on' if r.gradient_checkpointing else 'off'}, "
             f"max_length {r.max_length}, {r.steps} steps measured after {r.warmup} warmup",
             f"pairs/s       {r.pairs_per_s:.2f}  ({r.seconds:.2f} s measured)",
             f"tokens/s      real {r.real_tokens_per_s:,.0f}, padded {r.padded_tokens_per_s:,.0f} "
@@ -385,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     select_device(args.device)
     with tempfile.TemporaryDirectory(prefix="reward-throughput-") as tmp:
         train = load_rows(args)
-        model_dir = args.model or build_demo_model(Path(tmp) / "model", train, args)
+        model_dir = args.model or build_model(Path(tmp) / "model", train, args)
         report = run(args, model_dir, train)
     print(format_report(report))
     if args.json:
