@@ -32,6 +32,7 @@ be visible to every rank (a shared volume when running on several nodes).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import math
@@ -145,6 +146,7 @@ def init_distributed() -> DistInfo:
             world_size=world_size,
             verbose=False,
         )
+        atexit.register(close_distributed)
     else:
         # Registers a process group created elsewhere (plain torch) with deepspeed.comm.
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
@@ -152,6 +154,20 @@ def init_distributed() -> DistInfo:
     kind = accelerator.device_name()
     device = torch.device("cpu") if kind == "cpu" else torch.device(kind, local_rank)
     return DistInfo(tdist.get_rank(), local_rank, tdist.get_world_size(), device, backend)
+
+
+def close_distributed() -> None:
+    """Tear the process group down before the interpreter exits (`init_distributed` registers
+    this with `atexit` when it creates the group).
+
+    A group left alive keeps gloo's (and DeepSpeed's shared-memory) worker threads running into
+    interpreter shutdown. Under torchrun a rank then sometimes aborts after its work is done
+    ("terminate called without an active exception", exit -6), and the whole job counts as failed.
+    Tearing it down any earlier would break a process that runs several stages (DeepSpeed keeps
+    the group it first saw).
+    """
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 def _bf16_supported(device_type: str) -> bool:
