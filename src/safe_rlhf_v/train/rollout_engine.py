@@ -79,6 +79,10 @@ class RolloutEngine(Protocol):
         actor updates, and after a resume restored the actor."""
         ...
 
+    def close(self) -> None:
+        """Release what the engine holds outside the trainer (a server process, temporary files)."""
+        ...
+
 
 class HFEngine:
     """Samples with the actor's own Hugging Face `generate` (KV cache, the trainer's device and
@@ -140,6 +144,9 @@ class HFEngine:
                 "HFEngine samples with the module it was built with; update_weights got another one "
                 f"({type(model).__name__}), whose weights it would never use"
             )
+
+    def close(self) -> None:
+        """Nothing to release: the actor belongs to the trainer."""
 
 
 SERVER_SCRIPT = Path(__file__).resolve().parent.parent / "rollout_server.py"
