@@ -113,3 +113,45 @@ def test_a_killed_server_is_a_one_line_error_naming_it(vllm_model: Path, batch: 
         assert "\n" not in str(error.value)
         with pytest.raises(RolloutServerError, match="exited"):
             vllm.update_weights(actor)
+
+
+def test_ppo_steps_with_vllm_rollouts_follow_the_hf_trajectory_at_temperature_0(
+    tmp_path: Path, vllm_model: Path, demo_data: Path
+) -> None:
+    """Greedy rollouts are the same answers from either engine, so three PPO steps give the same
+    lambda and J_C; the vLLM run only matches if every step's new weights reached the server."""
+    from mlp_training import KEY
+
+    from safe_rlhf_v.config import PPOStageConfig
+    from safe_rlhf_v.data.sources import load_split
+    from safe_rlhf_v.models.score import ScoreModel
+    from safe_rlhf_v.train.ppo_lagrangian import PPOLagrangianTrainer, PPOModels
+
+    processor = AutoProcessor.from_pretrained(vllm_model)
+    for seed, kind in enumerate(("reward", "cost"), start=1):
+        torch.manual_seed(seed)
+        ScoreModel.from_base(str(vllm_model), kind).save(tmp_path / kind, processor=processor)
+    models = PPOModels.critics_from_scores(str(vllm_model), str(tmp_path / "reward"), str(tmp_path / "cost"))
+    prompts = load_split(str(demo_data), "train").select(range(6))
+    train = {"epochs": 1, "per_device_batch_size": 2, "learning_rate": 1e-3, "precision": "fp32"}
+    trajectories = {}
+    for engine in ("hf", "vllm"):
+        cfg = PPOStageConfig.model_validate(
+            {
+                "actor": train | {"max_steps": 3},
+                "critic": train,
+                "generation": {"max_new_tokens": 6, "temperature": 0.0},
+                "prompt_batch_size": 2,
+                "rollout": {"engine": engine, "vllm_python": str(VLLM_PYTHON)},
+            }
+        )
+        trainer = PPOLagrangianTrainer(
+            cfg, models, prompts, variant="safe-rlhf-v", checkpoint_dir=tmp_path / engine, checkpoint_key=KEY
+        )
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+        trajectories[engine] = [row[key] for row in trainer.history for key in ("lambda", "J_C")]
+    assert len(trajectories["hf"]) == 6  # lambda and J_C of each of the three steps
+    assert trajectories["vllm"] == pytest.approx(trajectories["hf"], abs=1e-4)
