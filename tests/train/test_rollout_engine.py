@@ -35,6 +35,9 @@ class RecordingEngine:
         self.updates.append(self.trainer.roles.actor.global_step)
         self.inner.update_weights(model)
 
+    def close(self) -> None:
+        self.inner.close()
+
 
 def _config(**ppo: object) -> PPOStageConfig:
     train = {"epochs": 1, "per_device_batch_size": 2, "learning_rate": 1e-4, "precision": "fp32"}

@@ -80,7 +80,10 @@ def run(
             ptx=ptx,
             sink=ctx.log_step,
         )
-        last = trainer.train()
+        try:
+            last = trainer.train()
+        finally:
+            trainer.close()  # a vLLM rollout server must not outlive the stage, failed or not
         evaluation = quick_eval(
             trainer,
             held_out,

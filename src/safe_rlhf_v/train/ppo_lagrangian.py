@@ -85,7 +85,7 @@ from safe_rlhf_v.train.rollout import (
     stochastic_forward,
     token_log_probs,
 )
-from safe_rlhf_v.train.rollout_engine import HFEngine, PromptBatch, RolloutEngine
+from safe_rlhf_v.train.rollout_engine import HFEngine, PromptBatch, RolloutEngine, VLLMEngine
 
 log = get_logger(__name__)
 PTX_MAX_LENGTH = 4096  # PTX rows are instruction data: their prompts plus answers fit well inside this
@@ -264,16 +264,7 @@ class PPOLagrangianTrainer:
         self.ptx_collator = (
             SupervisedCollator(self.roles.processor, max_length=PTX_MAX_LENGTH) if ptx is not None else None
         )
-        self.engine: RolloutEngine = HFEngine(
-            self.roles.actor.module,
-            self.roles.processor,
-            cfg.generation,
-            device=self.dist.device,
-            dtype=self.roles.actor.dtype,
-            synced_gpus=cfg.actor.zero_stage == 3 and self.dist.world_size > 1,
-            cpu_threads=cfg.sampling_cpu_threads,
-            with_log_probs=cfg.old_log_probs_from == "generation",
-        )
+        self.engine: RolloutEngine = self._rollout_engine()
         """Samples the rollouts; told after every step's actor updates (`update_weights`)."""
         self.log = MetricsLog(sink, is_main=self.dist.rank == 0)
         self.step = 0
@@ -291,6 +282,37 @@ class PPOLagrangianTrainer:
             and not any(stochastic_forward(engine.module) for engine in self.roles.trained().values())
         )
         """Whether rollouts leave the critics' old values to their first training forward."""
+
+    def _rollout_engine(self) -> RolloutEngine:
+        """The engine `rollout.engine` names, sampling with the actor's current weights."""
+        with_log_probs = self.cfg.old_log_probs_from == "generation"
+        if self.cfg.rollout.engine == "vllm":
+            if self.dist.world_size > 1:
+                raise ConfigError("train_ppo_lag.rollout.engine=vllm runs on one process only for now")
+            return VLLMEngine(
+                self.roles.actor.module,
+                self.roles.processor,
+                self.cfg.generation,
+                python=self.cfg.rollout.vllm_python,
+                device=self.dist.device,
+                dtype=self.roles.actor.dtype,
+                with_log_probs=with_log_probs,
+                seed=self.cfg.actor.seed,
+            )
+        return HFEngine(
+            self.roles.actor.module,
+            self.roles.processor,
+            self.cfg.generation,
+            device=self.dist.device,
+            dtype=self.roles.actor.dtype,
+            synced_gpus=self.cfg.actor.zero_stage == 3 and self.dist.world_size > 1,
+            cpu_threads=self.cfg.sampling_cpu_threads,
+            with_log_probs=with_log_probs,
+        )
+
+    def close(self) -> None:
+        """Release the rollout engine (a vLLM server process and its files)."""
+        self.engine.close()
 
     def _fingerprint(self, models: PPOModels, rows: int) -> dict[str, Any]:
         """What decides this run's result (see `checkpoint`): the stage settings but the trained
