@@ -106,7 +106,8 @@ demo: $(STAMP) $(DEMO_DATA)/train.parquet $(DEMO_MODEL)/config.json
 demo-seeds: $(STAMP) $(DEMO_DATA)/train.parquet $(DEMO_MODEL)/config.json
 	$(BIN)/safe-rlhf-v seeds --config configs/demo.yaml --seeds 0 1 2 --out work/seeds/$$(date +%Y%m%d-%H%M%S)
 
-test: $(STAMP) $(TOOLS_STAMP)
+# The vLLM rollout engine's tests need its environment; CI builds it too (about 2 minutes).
+test: $(STAMP) $(TOOLS_STAMP) $(VLLM_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
