@@ -7,7 +7,7 @@ from pathlib import Path
 
 import datasets
 import pytest
-import yaml
+from pipeline_yaml import config_file
 
 import safe_rlhf_v
 from safe_rlhf_v.cli import build_parser, main
@@ -20,18 +20,6 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         main(["make-demo-data", "--out", str(out), "--rows", "60", "--eval-rows", "20", "--seed", "1"]) == 0
     )
     return out
-
-
-def config_file(tmp_path: Path, data: Path) -> Path:
-    path = tmp_path / "pipeline.yaml"
-    tree = {
-        "work_dir": str(tmp_path / "work"),
-        "data": {"uri": str(data)},
-        "base_model": str(tmp_path / "model"),
-        "validate_data": {"min_rows": {"train": 10, "evaluation": 5}},
-    }
-    path.write_text(yaml.safe_dump(tree))
-    return path
 
 
 def test_every_subcommand_has_help() -> None:

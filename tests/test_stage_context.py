@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
+from pipeline_yaml import config_file
 
 from safe_rlhf_v import tracking
 from safe_rlhf_v.cli import main
@@ -42,18 +42,6 @@ def cfg(tmp_path: Path) -> PipelineConfig:
         "tracking": {"experiment": "ctx"},
     }
     return config_from_dict(tree, "test")
-
-
-def config_file(tmp_path: Path, data: Path) -> Path:
-    path = tmp_path / "pipeline.yaml"
-    tree = {
-        "work_dir": str(tmp_path / "work"),
-        "data": {"uri": str(data)},
-        "base_model": str(tmp_path / "model"),
-        "validate_data": {"min_rows": {"train": 10, "evaluation": 5}},
-    }
-    path.write_text(yaml.safe_dump(tree))
-    return path
 
 
 def runs(cfg: PipelineConfig) -> list:

@@ -303,10 +303,15 @@ class StageContext:
         reward_model: str | None = None,
         cost_model: str | None = None,
     ) -> Lineage | None:
-        """The typed lineage of the model this stage publishes (rank 0; None on other ranks, which
-        publish nothing and should not spend time hashing models)."""
+        """The typed lineage of the model this stage publishes, whose input models it also records
+        as `input.*` tags on the run (rank 0; None on other ranks, which publish nothing and should
+        not spend time hashing models)."""
         if not self.main or self.mlflow_run_id is None:
             return None
+        uris = {"base_model": base_model, "reward_model": reward_model, "cost_model": cost_model}
+        model_sha = {role: model_digest(uri) for role, uri in uris.items() if uri}
+        for role, sha in model_sha.items():  # each model is hashed once, for the tags and the record
+            tracking.log_model_reference(f"input.{role}", uris[role] or "", sha)
         return Lineage(
             stage=self.stage,
             kind=kind,
@@ -315,12 +320,12 @@ class StageContext:
             data_uri=data_uri,
             data_sha256=dict(digests),  # type: ignore[arg-type]
             base_model=base_model,
-            base_model_sha256=model_digest(base_model),
+            base_model_sha256=model_sha["base_model"],
             variant=variant,
             reward_model=reward_model,
-            reward_model_sha256=model_digest(reward_model) if reward_model else None,
+            reward_model_sha256=model_sha.get("reward_model"),
             cost_model=cost_model,
-            cost_model_sha256=model_digest(cost_model) if cost_model else None,
+            cost_model_sha256=model_sha.get("cost_model"),
         )
 
     def finish(

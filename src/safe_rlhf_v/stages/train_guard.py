@@ -16,10 +16,9 @@ from safe_rlhf_v import work_dir as layout
 from safe_rlhf_v.config import PipelineConfig
 from safe_rlhf_v.data.schema import FLAT_COLUMNS
 from safe_rlhf_v.data.sources import load_split, to_flat
-from safe_rlhf_v.lineage import model_digest
 from safe_rlhf_v.records import StageResult
 from safe_rlhf_v.stages.context import open_stage, settings_from
-from safe_rlhf_v.tracking import log_config, log_model_reference
+from safe_rlhf_v.tracking import log_config
 from safe_rlhf_v.train.guard import GuardSettings, train_guard
 
 STAGE = "train-guard"
@@ -73,7 +72,6 @@ def run(
     ) as ctx:
         if ctx.main:
             log_config(section, f"{STAGE}.")
-            log_model_reference("input.base_model", base_model, model_digest(base_model))
         digests, splits = ctx.load_validated(data_uri)
         train = splits["train"]
         if section.extra_data:

@@ -16,10 +16,9 @@ from typing import Literal
 
 from safe_rlhf_v.config import PipelineConfig, ScoreStageConfig
 from safe_rlhf_v.data.augment import with_spliced_pairs
-from safe_rlhf_v.lineage import model_digest
 from safe_rlhf_v.records import StageResult
 from safe_rlhf_v.stages.context import open_stage, settings_from
-from safe_rlhf_v.tracking import log_config, log_model_reference
+from safe_rlhf_v.tracking import log_config
 from safe_rlhf_v.train.cost import CostObjective
 from safe_rlhf_v.train.preference import Objective, PreferenceSettings, train_preference_model
 from safe_rlhf_v.train.reward import RewardObjective
@@ -53,7 +52,6 @@ def run(
     ) as ctx:
         if ctx.main:
             log_config(section, f"{stage}.")
-            log_model_reference("input.base_model", base_model, model_digest(base_model))
         digests, splits = ctx.load_validated(data_uri)
         train = with_spliced_pairs(splits["train"], section.spliced_negatives, section.train.seed)
         settings = settings_from(

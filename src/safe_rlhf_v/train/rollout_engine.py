@@ -16,7 +16,7 @@ config takes its log-probs as the old ones.
 (`.venv-vllm`, `make vllm-env`: vLLM's torch and transformers pins clash with the locked training
 environment). It starts `rollout_server.py` with that venv's Python and talks to it over a Unix
 socket in length-prefixed JSON (never pickle): `sample` sends each prompt's token ids with the
-family's single image placeholder unexpanded (vLLM expands it), with its image as PNG bytes,
+family's one image token unexpanded (vLLM expands it), with its image as PNG bytes,
 and gets the sampled token ids and log-probs back. `update_weights` writes the actor's state dict
 as safetensors under vLLM's weight names to a temporary folder and asks the server to reload it;
 the server then drops its prefix and encoder caches, which belong to the old weights. A dead
@@ -308,7 +308,7 @@ class VLLMEngine:
         texts = [render_prompt(self.processor, q) for q in batch.questions]
         prompts = []
         for image, text in zip(batch.images, texts, strict=True):
-            # One placeholder per image, as the tokenizer alone writes it: vLLM expands it to the
+            # One image token per image, as the tokenizer alone writes it: vLLM expands it to the
             # image's feature tokens itself, and would expand an already expanded run again.
             ids = tokenizer(text)["input_ids"]
             png = io.BytesIO()
